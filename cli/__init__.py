@@ -1,0 +1,1 @@
+"""The `zreg` command line."""

@@ -1,0 +1,1 @@
+"""The MLX runtime (Z-Image pipeline, loader, image API)."""
