@@ -184,13 +184,13 @@ def _check_index(index_path: Path, names: dict[str, Path], shard_names: set[str]
             raise _bad(index_path, f"weight_map lists {tensor!r} in {shard}, but no shard holds it")
         if names[tensor].name != shard:
             raise _bad(index_path, f"weight_map puts {tensor!r} in {shard}, but it is in {names[tensor].name}")
+    unused = sorted(shard_names - set(weight_map.values()))
+    if unused:
+        raise _bad(index_path, f"shard {unused[0]} is in the folder but not in the weight_map")
     unlisted = sorted(set(names) - set(weight_map))
     if unlisted:
         raise _bad(index_path, f"weight_map misses {len(unlisted)} tensor(s) held by the shards, "
                                f"e.g. {unlisted[0]!r} in {names[unlisted[0]].name}")
-    unused = sorted(shard_names - set(weight_map.values()))
-    if unused:
-        raise _bad(index_path, f"shard {unused[0]} is in the folder but not in the weight_map")
 
 
 def scan_folder(folder: Path | str) -> ImportPlan:

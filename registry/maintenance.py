@@ -37,7 +37,7 @@ class GcResult:
     temps: int = 0
 
 
-def collect_garbage(store: Store, dry_run: bool = False, on_wait=None) -> GcResult:
+def collect_garbage(store: Store, dry_run: bool = False, on_wait=None, temp_min_age: float = 60.0) -> GcResult:
     """Delete unreferenced blobs and stale temp files, holding the store lock exclusively."""
     result = GcResult()
     with store.lock(exclusive=True, on_wait=on_wait):
@@ -51,7 +51,7 @@ def collect_garbage(store: Store, dry_run: bool = False, on_wait=None) -> GcResu
             if not dry_run:
                 path.unlink()
         for temp in list(store.blobs.temp_files()):
-            if temp_is_stale(temp):
+            if temp_is_stale(temp, temp_min_age):
                 result.temps += 1
                 if not dry_run:
                     temp.unlink(missing_ok=True)
