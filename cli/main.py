@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.table import Table
 
 from zreg import __version__
@@ -21,6 +22,9 @@ from zreg.registry.names import name_from_folder, parse_name
 from zreg.registry.store import Store
 
 from .progress import byte_progress, console
+
+# Tables go to stdout; wide enough that class names are not cut when piped.
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def human_bytes(n: int) -> str:
@@ -96,11 +100,7 @@ def list_(models: str | None):
     for entry in list_models(Store(models)):
         modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.modified))
         table.add_row(entry.name, entry.digest[7:19], human_bytes(entry.size), modified)
-    console.file = sys.stdout
-    try:
-        console.print(table)
-    finally:
-        console.file = sys.stderr
+    out.print(table)
 
 
 @cli.command()
@@ -127,11 +127,7 @@ def show(name: str, as_json: bool, models: str | None):
         dtypes = ", ".join(f"{d} x{n}" for d, n in comp.dtypes.items()) or "-"
         table.add_row(comp_name, comp.class_name or "-", str(comp.tensors), f"{comp.parameters:,}",
                       dtypes, human_bytes(comp.bytes))
-    console.file = sys.stdout
-    try:
-        console.print(table)
-    finally:
-        console.file = sys.stderr
+    out.print(table)
 
 
 @cli.command()

@@ -66,7 +66,7 @@ def show_model(store: Store, name: ModelName | str) -> ModelSummary:
     components: dict[str, ComponentSummary] = defaultdict(ComponentSummary)
     dtype_counts: dict[str, Counter] = defaultdict(Counter)
     for layer in manifest.layers:
-        comp = components[layer.component or "."]
+        comp = components[layer.component or "(root)"]
         comp.bytes += layer.size
         if layer.is_tensor:
             comp.tensors += 1
