@@ -1,4 +1,4 @@
-"""Store commands: create, list, show, cp, rm, gc, verify, export, demo."""
+"""Store commands: create, quantize, list, show, cp, rm, gc, verify, export, demo."""
 
 from __future__ import annotations
 
@@ -15,33 +15,76 @@ from zreg.registry.importer import import_folder, scan_folder
 from zreg.registry.inspect_model import list_models, show_model
 from zreg.registry.maintenance import collect_garbage, remove_model, verify_store
 from zreg.registry.names import name_from_folder, parse_name
+from zreg.registry.quantize import DEFAULT_FP8_SKIP, MODES, Policy
+from zreg.registry.quantize_stored import quantize_model, total_bytes
 from zreg.registry.store import Store
 
 from .app import cli, fail_cleanly, human_bytes, out, store_option, waiting
 from .progress import byte_progress, console
 
 
+def quantize_options(fn):
+    fn = click.option("--quantize-skip", "skip", multiple=True, metavar="PATTERN",
+                      help="Glob on layer names (component/tensor) to keep unquantized; replaces the "
+                           f"defaults ({', '.join(DEFAULT_FP8_SKIP)}). Repeatable.")(fn)
+    return fn
+
+
+def report_build(verb: str, name, result, total: int, seconds: float) -> None:
+    rate = total / seconds / 1e6 if seconds > 0 else 0
+    click.echo(f"{verb} {name.short()} ({result.digest[:19]}): {result.tensors} tensors, "
+               f"{result.layers} layers, {result.new_blobs} new blobs ({human_bytes(result.new_bytes)}), "
+               f"using {result.reused_blobs} existing blobs; {human_bytes(total)} read in "
+               f"{seconds:.1f}s ({rate:.0f} MB/s)")
+    if result.quantized:
+        lossless = {True: ", lossless", False: ", lossy (values changed)", None: ""}[result.lossless]
+        click.echo(f"quantized {result.quantized} tensors{lossless}; model is {human_bytes(result.bytes)}")
+
+
+def policy_from(mode: str | None, skip: tuple[str, ...]) -> Policy | None:
+    if mode is None:
+        return None
+    return Policy(mode, tuple(skip) if skip else None)
+
+
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("-n", "--name", help="Model name (default: the folder's name).")
+@click.option("--quantize", "mode", type=click.Choice(MODES), help="Quantize while importing.")
+@quantize_options
 @store_option
 @fail_cleanly
-def create(folder: Path, name: str | None, models: str | None):
+def create(folder: Path, name: str | None, mode: str | None, skip: tuple[str, ...], models: str | None):
     """Import a diffusers FOLDER into the store as per-tensor blobs plus a manifest."""
     store = Store(models)
     model_name = parse_name(name or name_from_folder(folder.resolve().name))
+    policy = policy_from(mode, skip)
     plan = scan_folder(folder)
     start = time.monotonic()
     with byte_progress(f"importing {model_name.short()}", plan.total_bytes) as advance:
-        result = import_folder(store, plan, model_name, on_bytes=advance)
-    seconds = time.monotonic() - start
+        result = import_folder(store, plan, model_name, policy, on_bytes=advance)
     for skipped in result.skipped:
         console.print(f"skipped {skipped} (not a safetensors weight or pipeline file)", highlight=False)
-    rate = plan.total_bytes / seconds / 1e6 if seconds > 0 else 0
-    click.echo(f"created {model_name.short()} ({result.digest[:19]}): {result.tensors} tensors, "
-               f"{result.layers} layers, {result.new_blobs} new blobs ({human_bytes(result.new_bytes)}), "
-               f"using {result.reused_blobs} existing blobs; {human_bytes(plan.total_bytes)} in "
-               f"{seconds:.1f}s ({rate:.0f} MB/s)")
+    report_build("created", model_name, result, plan.total_bytes, time.monotonic() - start)
+
+
+@cli.command()
+@click.argument("mode", type=click.Choice(MODES))
+@click.argument("source")
+@click.argument("destination", required=False)
+@quantize_options
+@store_option
+@fail_cleanly
+def quantize(mode: str, source: str, destination: str | None, skip: tuple[str, ...], models: str | None):
+    """Make a quantized copy of a stored model (DESTINATION defaults to SOURCE's name with tag MODE)."""
+    store = Store(models)
+    src = parse_name(source)
+    dst = parse_name(destination) if destination else src.with_tag(mode)
+    total = total_bytes(store, src)
+    start = time.monotonic()
+    with byte_progress(f"quantizing {src.short()} -> {dst.short()}", total) as advance:
+        result = quantize_model(store, src, dst, policy_from(mode, skip), on_bytes=advance)
+    report_build("created", dst, result, total, time.monotonic() - start)
 
 
 @cli.command(name="list")
@@ -170,7 +213,7 @@ def demo(workdir: Path | None, models: str | None):
         write_tiny_zimage(folder)
     click.echo(f"fixture folder: {folder}")
     ctx = click.get_current_context()
-    ctx.invoke(create, folder=folder, name="tiny-zimage", models=str(store.root))
+    ctx.invoke(create, folder=folder, name="tiny-zimage", mode=None, skip=(), models=str(store.root))
     ctx.invoke(show, name="tiny-zimage", as_json=False, models=str(store.root))
     ctx.invoke(verify, names=("tiny-zimage",), models=str(store.root))
     exported = workdir / f"export-{int(time.time())}"

@@ -2,33 +2,28 @@
 
 Two phases. `scan_folder` reads only headers and small JSON files and validates everything
 (component list, index files against shards, every tensor's header) so bad input is refused
-before the store is touched. `import_folder` then streams each tensor's byte range into its
-own blob on a few threads (hashing and file I/O release the GIL), writes the config blob, and
-writes the manifest last, so a model is never visible half-imported.
+before the store is touched. `import_folder` then hands the tensors' byte ranges to the model
+builder (builder.py), which streams each into its own blob on a few threads (hashing and file
+I/O release the GIL), converting them when a quantization policy is given, and writes the
+manifest last, so a model is never visible half-imported.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import threading
-from collections import Counter
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .digest import sha256_bytes
+from .builder import BuildResult, FileSource, build_model
+from .convert import TensorSource
 from .errors import FormatError, InvalidModel
-from .manifest import (CONFIG_MEDIA_TYPE, FILE_MEDIA_TYPE, JSON_MEDIA_TYPE, MANIFEST_V2,
-                       TENSOR_MEDIA_TYPE, Component, Descriptor, Layer, Manifest, ModelConfig,
-                       WeightFile)
+from .manifest import Component, WeightFile
 from .names import ModelName
-from .safetensors_format import TensorInfo, read_header
+from .quantize import Policy
+from .safetensors_format import read_header
 from .store import Store
-from .tensorblob import blob_header
 
 MODEL_INDEX = "model_index.json"
 # Used when there is no model_index.json.
@@ -40,29 +35,6 @@ SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".ggu
                     ".pb", ".ot")
 _COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _INDEX_SUFFIX = ".safetensors.index.json"
-COPY_CHUNK = 8 << 20
-
-
-@dataclass
-class TensorSource:
-    component: str
-    path: Path
-    info: TensorInfo
-
-    @property
-    def layer_name(self) -> str:
-        return f"{self.component}/{self.info.name}"
-
-
-@dataclass
-class FileSource:
-    layer_name: str
-    path: Path
-    size: int
-
-    @property
-    def media_type(self) -> str:
-        return JSON_MEDIA_TYPE if self.path.suffix == ".json" else FILE_MEDIA_TYPE
 
 
 @dataclass
@@ -76,20 +48,7 @@ class ImportPlan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.info.nbytes for t in self.tensors) + sum(f.size for f in self.files)
-
-
-@dataclass
-class ImportResult:
-    name: ModelName
-    digest: str
-    manifest_size: int
-    layers: int
-    tensors: int
-    new_blobs: int = 0
-    new_bytes: int = 0
-    reused_blobs: int = 0
-    skipped: list[str] = field(default_factory=list)
+        return sum(t.nbytes for t in self.tensors) + sum(f.size for f in self.files)
 
 
 def _bad(path: Path, message: str) -> InvalidModel:
@@ -155,7 +114,7 @@ def _scan_component(folder: Path, component: str, plan: ImportPlan) -> None:
                 raise _bad(path, f"tensor {t.name!r} is also in {names[t.name].name} "
                                  f"(duplicate tensor name across shards of {component}/)")
             names[t.name] = path
-            plan.tensors.append(TensorSource(component, path, t))
+            plan.tensors.append(TensorSource(f"{component}/{t.name}", path, t.begin, t.dtype, t.shape))
         weight_files[path.name] = WeightFile(metadata=metadata, tensors=[t.name for t in tensors])
     if len(indexes) > 1:
         raise _bad(comp_dir, f"several index files ({', '.join(p.name for p in indexes)}): keep one")
@@ -208,103 +167,13 @@ def scan_folder(folder: Path | str) -> ImportPlan:
         plan.files.append(FileSource(MODEL_INDEX, index_path, index_path.stat().st_size))
     if not plan.tensors:
         raise InvalidModel(f"{folder}: no .safetensors weights in {', '.join(comps) or 'any component'}")
-    for component, comp in plan.components.items():
-        tensors = [t.info for t in plan.tensors if t.component == component]
-        bytes_by_dtype = Counter()
-        for t in tensors:
-            bytes_by_dtype[t.dtype] += t.nbytes
-        comp.tensor_count = len(tensors)
-        comp.parameter_count = sum(math.prod(t.shape) for t in tensors)
-        comp.dtypes = dict(sorted(Counter(t.dtype for t in tensors).items()))
-        comp.dtype = bytes_by_dtype.most_common(1)[0][0] if tensors else None
     return plan
 
 
-def _copy_range(store: Store, path: Path, begin: int, end: int, header: bytes, buf: bytearray,
-                on_bytes: Callable[[int], None]) -> tuple[str, int, bool]:
-    """Stream header + path[begin:end] into a new blob; returns (digest, size, existed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise _bad(path, "file vanished while importing") from None
-    try:
-        with store.blobs.writer() as writer:
-            if header:
-                writer.write(header)
-            view = memoryview(buf)
-            offset = begin
-            while offset < end:
-                n = os.preadv(fd, [view[:min(len(buf), end - offset)]], offset)
-                if n <= 0:
-                    raise _bad(path, f"file shrank while importing (no data at byte {offset}, expected {end})")
-                writer.write(view[:n])
-                offset += n
-                on_bytes(n)
-            digest, existed = writer.commit()
-            return digest, writer.size, existed
-    finally:
-        os.close(fd)
-
-
-def import_folder(store: Store, plan: ImportPlan, name: ModelName,
-                  on_bytes: Callable[[int], None] = lambda n: None,
-                  workers: int | None = None) -> ImportResult:
-    """Write every blob of `plan`, then the config blob, then the manifest."""
-    workers = workers or min(4, max(2, os.cpu_count() or 2))
-    result = ImportResult(name, "", 0, 0, len(plan.tensors), skipped=list(plan.skipped))
-    local = threading.local()  # one copy buffer per worker thread
-
-    def store_one(path: Path, begin: int, end: int, header: bytes):
-        if not hasattr(local, "buf"):
-            local.buf = bytearray(COPY_CHUNK)
-        return _copy_range(store, path, begin, end, header, local.buf, on_bytes)
-
-    def tensor_layer(t: TensorSource) -> Layer:
-        header = blob_header(t.info.dtype, t.info.shape)
-        digest, size, existed = store_one(t.path, t.info.begin, t.info.end, header)
-        return Layer(mediaType=TENSOR_MEDIA_TYPE, digest=digest, size=size, name=t.layer_name,
-                     dtype=t.info.dtype, shape=list(t.info.shape)), existed
-
-    def file_layer(f: FileSource) -> Layer:
-        digest, size, existed = store_one(f.path, 0, f.size, b"")
-        if size != f.size:
-            raise _bad(f.path, f"file changed while importing ({f.size} bytes, then {size})")
-        return Layer(mediaType=f.media_type, digest=digest, size=size, name=f.layer_name), existed
-
-    with store.lock(), ThreadPoolExecutor(workers, thread_name_prefix="zreg-import") as pool:
-        futures = [pool.submit(tensor_layer, t) for t in plan.tensors]
-        futures += [pool.submit(file_layer, f) for f in plan.files]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
-        layers = []
-        for future in futures:
-            if future.cancelled():
-                continue
-            layer, existed = future.result()  # raises the first worker error
-            layers.append(layer)
-            if existed:
-                result.reused_blobs += 1
-            else:
-                result.new_blobs += 1
-                result.new_bytes += layer.size
-        layers.sort(key=lambda layer: layer.name)
-        config = ModelConfig(
-            capabilities=["image"] if plan.architecture else [],
-            architecture=plan.architecture,
-            parameter_count=sum(c.parameter_count for c in plan.components.values()),
-            components=plan.components,
-        )
-        config_bytes = config.to_bytes()
-        config_digest, _ = store.blobs.put_bytes(config_bytes)
-        store.blobs.sync()
-        manifest = Manifest(schemaVersion=2, mediaType=MANIFEST_V2,
-                            config=Descriptor(mediaType=CONFIG_MEDIA_TYPE, digest=config_digest,
-                                              size=len(config_bytes)),
-                            layers=layers)
-        data = manifest.to_bytes()
-        store.manifests.write_bytes(name, data)
-    result.digest = sha256_bytes(data)
-    result.manifest_size = len(data)
-    result.layers = len(layers)
+def import_folder(store: Store, plan: ImportPlan, name: ModelName, policy: Policy | None = None,
+                  on_bytes: Callable[[int], None] = lambda n: None, workers: int | None = None) -> BuildResult:
+    """Write every blob of `plan` (converted per `policy`), the config blob, then the manifest."""
+    result = build_model(store, name, plan.tensors, plan.files, plan.components, plan.architecture,
+                         policy, on_bytes, workers)
+    result.skipped = list(plan.skipped)
     return result

@@ -47,29 +47,33 @@ class BlobWriter:
         self.size = 0
 
     def write(self, data) -> None:
-        self._hash.update(data)
-        view = memoryview(data)
+        """Append bytes (or any contiguous buffer, e.g. a numpy array)."""
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self.size += view.nbytes
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        self.size += len(data)
 
-    def commit(self, expected_digest: str | None = None) -> tuple[str, bool]:
-        """fsync and move into place. Returns (digest, existed_already)."""
+    def seal(self, expected_digest: str | None = None) -> "SealedBlob":
+        """fsync and close, but do not name the blob yet: used when a whole set of blobs must
+        appear together or not at all. The caller holds the store lock, so gc leaves it be."""
         digest = "sha256:" + self._hash.hexdigest()
         try:
             if expected_digest is not None and digest != expected_digest:
                 raise StoreError(f"digest mismatch: expected {expected_digest}, got {digest}")
             os.fsync(self._fd)
-            target = self._blobs.path(digest)
-            try:
-                os.link(self.temp, target)  # atomic, and never replaces an existing blob
-                existed = False
-            except FileExistsError:
-                existed = True
-            return digest, existed
-        finally:
+        except BaseException:
             self.abort()
+            raise
+        os.close(self._fd)
+        self._fd = -1
+        return SealedBlob(self._blobs, self.temp, digest, self.size)
+
+    def commit(self, expected_digest: str | None = None) -> tuple[str, bool]:
+        """fsync and move into place. Returns (digest, existed_already)."""
+        sealed = self.seal(expected_digest)
+        return sealed.digest, sealed.publish()
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -85,6 +89,29 @@ class BlobWriter:
 
     def __exit__(self, *exc):
         self.abort()
+
+
+class SealedBlob:
+    """A complete, fsynced blob in a temp file, waiting to be named."""
+
+    def __init__(self, blobs: "BlobStore", temp: Path, digest: str, size: int):
+        self._blobs, self.temp, self.digest, self.size = blobs, temp, digest, size
+
+    def publish(self) -> bool:
+        """Link into place (atomic, never replaces an existing blob). Returns existed_already."""
+        try:
+            os.link(self.temp, self._blobs.path(self.digest))
+            existed = False
+        except FileExistsError:
+            existed = True
+        self.discard()
+        return existed
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.temp)
+        except FileNotFoundError:
+            pass
 
 
 class BlobStore:
