@@ -24,3 +24,41 @@ def byte_progress(description: str, total: int):
     with progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+class TransferDisplay:
+    """One bar for a whole push or pull: bytes, rate, ETA and blobs done/total."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self._progress = None
+        self._task = None
+        self._blobs = 0
+        self._total_blobs = 0
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                      TransferSpeedColumn(), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[blobs]}"), console=console)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start(self, total_bytes: int, total_blobs: int) -> None:
+        self._total_blobs = total_blobs
+        if self._progress is not None:
+            self._task = self._progress.add_task(self.description, total=total_bytes,
+                                                 blobs=f"0/{total_blobs} blobs")
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, nbytes)
+
+    def blob_done(self) -> None:
+        self._blobs += 1
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, blobs=f"{self._blobs}/{self._total_blobs} blobs")
