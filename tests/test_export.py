@@ -1,4 +1,3 @@
-import numpy as np
 import torch
 from diffusers import ZImagePipeline
 from safetensors import safe_open
