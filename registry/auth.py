@@ -106,8 +106,11 @@ class Auth:
                 return {"Authorization": _basic_header(self.credentials)}
         return {}
 
-    def answer(self, challenge: str | None, scope: str, session: requests.Session, verify=True) -> None:
-        """Handle a 401: prepare headers for the retry, or raise AuthError."""
+    def answer(self, challenge: str | None, scope: str, session: requests.Session,
+               sent: str | None = None, verify=True) -> None:
+        """Handle a 401 to a request that carried `sent` as its Authorization header: prepare
+        headers for the retry, or raise AuthError. Threads race here, so a 401 to a request
+        sent before another thread set up credentials is not a refusal."""
         if not challenge:
             raise AuthError(f"{self.host}: authentication required, but the registry gave no challenge")
         scheme, params = parse_challenge(challenge)
@@ -115,9 +118,9 @@ class Auth:
             if not self.credentials:
                 raise AuthError(f"{self.host}: authentication required: run `zreg login {self.host}` "
                                 "or set ZREG_USERNAME/ZREG_PASSWORD")
+            if sent == _basic_header(self.credentials):
+                raise AuthError(f"{self.host}: credentials for {self.credentials[0]!r} were refused")
             with self._lock:
-                if self._basic:
-                    raise AuthError(f"{self.host}: credentials for {self.credentials[0]!r} were refused")
                 self._basic = True
             return
         if scheme != "bearer" or "realm" not in params:
@@ -141,10 +144,9 @@ class Auth:
         if not token:
             raise AuthError(f"{self.host}: token service gave no token")
         expiry = time.monotonic() + max(30, int(body.get("expires_in", 300)) - 15)
+        if sent == f"Bearer {token}":
+            raise AuthError(f"{self.host}: the registry refused the token for {scope!r}")
         with self._lock:
-            previous = self._tokens.get(scope)
-            if previous and previous[0] == token:
-                raise AuthError(f"{self.host}: the registry refused the token for {scope}")
             self._tokens[scope] = (token, expiry)
 
 

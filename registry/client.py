@@ -102,7 +102,8 @@ class RegistryClient:
             if resp.status_code == 401 and not answered:
                 answered = True
                 resp.close()
-                self.auth.answer(resp.headers.get("WWW-Authenticate"), scope, self.session)
+                self.auth.answer(resp.headers.get("WWW-Authenticate"), scope, self.session,
+                                 sent=all_headers.get("Authorization"))
                 continue
             if resp.status_code in RETRY_STATUS and attempt < self.retries:
                 resp.close()
