@@ -1,12 +1,14 @@
-"""Transfer commands: login, logout, push, pull."""
+"""Transfer commands: login, logout, push, pull, save, load."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
+from zreg.registry.archive import load_model, save_model
 from zreg.registry.auth import remove_credentials, save_credentials
 from zreg.registry.client import RegistryClient
 from zreg.registry.errors import InvalidName
@@ -91,3 +93,28 @@ def pull(name: str, insecure: bool, concurrency: int, stall_timeout: float, mode
         result = pull_model(Store(models), model, client_for(model, insecure, stall_timeout),
                             concurrency=concurrency, progress=display)
     click.echo(summary("pulled", model, result, time.monotonic() - start))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Archive file (.tar, or .tar.zst for zstd).")
+@store_option
+@fail_cleanly
+def save(name: str, output: Path, models: str | None):
+    """Write a model as an OCI image layout archive, for sites with no registry."""
+    start = time.monotonic()
+    blobs, nbytes = save_model(Store(models), parse_name(name), output)
+    click.echo(f"saved {parse_name(name).short()} to {output}: {blobs} blobs, {human_bytes(nbytes)}, "
+               f"{output.stat().st_size / 1e6:.1f} MB on disk; {time.monotonic() - start:.1f}s")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-n", "--name", help="Model name (default: the one recorded in the archive).")
+@store_option
+@fail_cleanly
+def load(archive: Path, name: str | None, models: str | None):
+    """Load a model from an archive made by `zreg save`, verifying every blob."""
+    model, stored, skipped = load_model(Store(models), archive, parse_name(name) if name else None)
+    click.echo(f"loaded {model.short()} from {archive}: {stored} blobs stored, {skipped} already in the store")
