@@ -21,6 +21,16 @@ FILE_MEDIA_TYPE = "application/vnd.zreg.image.file"
 MAX_MANIFEST_BYTES = 4 << 20  # what the CNCF registry and containers/image accept
 
 
+def _parse(cls, data: bytes, where: str, what: str):
+    """Validate JSON into `cls`; the first problem becomes a one-line FormatError."""
+    try:
+        return cls.model_validate_json(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise FormatError(f"{where}: invalid {what}: {field}: {first['msg']}") from None
+
+
 class Descriptor(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -58,12 +68,7 @@ class Manifest(BaseModel):
     def from_bytes(cls, data: bytes, where: str) -> "Manifest":
         if len(data) > MAX_MANIFEST_BYTES:
             raise FormatError(f"{where}: manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise FormatError(f"{where}: invalid manifest: {field}: {first['msg']}") from None
+        return _parse(cls, data, where, "manifest")
 
     def tensor_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if layer.is_tensor]
@@ -107,9 +112,4 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> "ModelConfig":
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise FormatError(f"{where}: invalid model config: {field}: {first['msg']}") from None
+        return _parse(cls, data, where, "model config")

@@ -77,3 +77,15 @@ def make_big_folder(root: Path, tensors: int = 24, mib_each: int = 16, seed: int
                   for i in range(tensors // 2)}
         save_file(arrays, root / f"transformer/model-{shard}.safetensors")
     return root
+
+
+def safetensors_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of every .safetensors file under folder, keyed `relative/path:tensor`."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                out[f"{path.relative_to(folder)}:{key}"] = f.get_tensor(key)
+    return out

@@ -11,16 +11,13 @@ from zreg.registry.names import parse_name
 from zreg.registry.store import Store
 
 from .conftest import run_zreg
-from .folders import make_model_folder
+from .folders import make_model_folder, safetensors_tensors
 
 
 def source_tensors(folder):
-    out = {}
-    for path in sorted(folder.rglob("*.safetensors")):
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                out[f"{path.parent.name}/{key}"] = f.get_tensor(key)
-    return out
+    """Tensors keyed by layer name (`component/tensor`)."""
+    return {f"{key.split('/')[0]}/{key.split(':', 1)[1]}": value
+            for key, value in safetensors_tensors(folder).items()}
 
 
 def test_every_tensor_round_trips_byte_identical(store, model_folder):

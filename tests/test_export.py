@@ -1,17 +1,8 @@
 import torch
 from diffusers import ZImagePipeline
-from safetensors import safe_open
 
 from .conftest import run_zreg
-
-
-def tensors_of(folder):
-    out = {}
-    for path in sorted(folder.rglob("*.safetensors")):
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                out[f"{path.relative_to(folder)}:{key}"] = f.get_tensor(key)
-    return out
+from .folders import safetensors_tensors
 
 
 def test_export_rebuilds_the_folder_diffusers_loads(store, tiny_zimage, tmp_path):
@@ -23,7 +14,7 @@ def test_export_rebuilds_the_folder_diffusers_loads(store, tiny_zimage, tmp_path
     for rel in source_files:
         if rel.suffix != ".safetensors":
             assert (dest / rel).read_bytes() == (tiny_zimage / rel).read_bytes(), rel
-    src, out = tensors_of(tiny_zimage), tensors_of(dest)
+    src, out = safetensors_tensors(tiny_zimage), safetensors_tensors(dest)
     assert src.keys() == out.keys()
     for key in src:
         assert src[key].dtype == out[key].dtype and src[key].tobytes() == out[key].tobytes(), key

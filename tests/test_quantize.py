@@ -1,4 +1,3 @@
-import json
 
 import ml_dtypes
 import mlx.core as mx
