@@ -1,6 +1,8 @@
 """Entry point of the `zreg` command: the group and every command module that adds to it."""
 
 from . import store_commands  # noqa: F401  (registers the commands)
+from . import serve_commands  # noqa: F401
+from . import transfer_commands  # noqa: F401
 from .app import cli
 
 

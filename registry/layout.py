@@ -7,6 +7,13 @@ can read the other's store):
     │   └── .tmp-<random>            a blob being written (flock held while it is); gc removes stale ones
     ├── manifests/
     │   └── <host>/<namespace>/<model>/<tag>     manifest JSON, byte-exact
+    │       (`zreg serve` stores a manifest pushed by digest only under the tag
+    │        `sha256-<hex>` of its own digest, so gc and verify see it like any model)
+    ├── indexes/
+    │   └── <host>/<namespace>/<model>/<tag>     image indexes pushed to `zreg serve` (they name
+    │                                manifests, not blobs, so they are kept apart from models)
+    ├── uploads/
+    │   └── <session id>/{data,state.json}       a `zreg serve` blob upload in progress; purged by age
     └── .zreg.lock                   writers hold it shared, gc exclusive
 
 Helpers here compute paths; they create nothing.
@@ -43,6 +50,23 @@ class Layout:
     @property
     def lock_file(self) -> Path:
         return self.root / ".zreg.lock"
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    def upload(self, session_id: str) -> Path:
+        """The folder of one upload session (ids are hex, made by the server)."""
+        if not (session_id.isascii() and session_id.isalnum()):
+            raise StoreError(f"invalid upload session id {session_id!r}")
+        return self.uploads / session_id
+
+    @property
+    def indexes(self) -> Path:
+        return self.root / "indexes"
+
+    def index(self, name: ModelName) -> Path:
+        return self.indexes / name.host / name.namespace / name.model / name.tag
 
     def blob(self, digest: str) -> Path:
         """`sha256:<hex>` -> blobs/sha256-<hex>."""
