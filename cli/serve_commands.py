@@ -35,7 +35,8 @@ def serve(addr: str, host_name: str | None, htpasswd_file: Path | None, auth_rea
     """Serve the store over the OCI distribution API (/v2/) until Ctrl-C or SIGTERM."""
     # Imported here: aiohttp would slow every other zreg command's start.
     from zreg.registry.htpasswd import Htpasswd
-    from zreg.registry.server import is_loopback, make_app, parse_addr, run
+    from zreg.registry.names import is_loopback
+    from zreg.registry.server import make_app, parse_addr, run
 
     host, port = parse_addr(addr)
     if auth_reads and htpasswd_file is None:

@@ -9,7 +9,6 @@ retried. Each worker thread has its own `requests.Session` (sessions are not thr
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from typing import Callable, Iterable
@@ -20,6 +19,7 @@ from requests.adapters import HTTPAdapter
 from . import oci_paths
 from .auth import Auth, AuthError
 from .errors import ModelNotFound, ZregError
+from .names import is_loopback
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -34,17 +34,6 @@ class TransferError(ZregError):
 
 class RegistryUnreachable(TransferError):
     pass
-
-
-def is_loopback(host: str) -> bool:
-    hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    hostname = hostname.strip("[]")
-    if hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(hostname).is_loopback
-    except ValueError:
-        return False
 
 
 def registry_error(resp: requests.Response) -> str:

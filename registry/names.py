@@ -8,6 +8,7 @@ hold `..`, a slash in the wrong place or anything that would escape the store ro
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -100,3 +101,15 @@ def name_from_folder(folder_name: str) -> str:
     """A valid default model name from a folder name (`Z-Image-Turbo` -> `z-image-turbo`)."""
     cleaned = re.sub(r"[^a-z0-9]+", "-", folder_name.lower()).strip("-")
     return cleaned or "model"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1, with or without a :port."""
+    hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    hostname = hostname.strip("[]")
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False

@@ -136,10 +136,6 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 def run(app: web.Application, host: str, port: int, on_ready=None) -> None:
     """Serve until SIGINT or SIGTERM, then finish in-flight requests (a few seconds at most)."""
     async def announce(app):

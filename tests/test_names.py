@@ -63,3 +63,14 @@ def test_layout_paths(tmp_path):
 def test_name_from_folder(folder, expected):
     assert name_from_folder(folder) == expected
     parse_name(expected)
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("localhost", True), ("localhost:5000", True), ("127.0.0.1", True), ("127.3.2.1:80", True),
+    ("::1", True), ("[::1]:5000", True), ("example.com", False), ("10.0.0.1:5000", False),
+    ("127.example.com", False),
+])
+def test_is_loopback(host, expected):
+    from zreg.registry.names import is_loopback
+
+    assert is_loopback(host) is expected
