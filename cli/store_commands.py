@@ -164,8 +164,8 @@ def gc(dry_run: bool, models: str | None):
     """Delete blobs no manifest references, and stale temp files."""
     result = collect_garbage(Store(models), dry_run=dry_run, on_wait=waiting)
     verb = "would remove" if dry_run else "removed"
-    click.echo(f"{verb} {result.blobs} unreferenced blobs ({human_bytes(result.bytes)}) "
-               f"and {result.temps} stale temp files")
+    click.echo(f"{verb} {result.blobs} unreferenced blobs ({human_bytes(result.bytes)}), "
+               f"{result.temps} stale temp or partial files and {result.uploads} abandoned upload sessions")
 
 
 @cli.command()

@@ -4,7 +4,8 @@ can read the other's store):
     $ZREG_MODELS (default ~/.zreg/models)
     ├── blobs/
     │   ├── sha256-<64 hex>          content-addressed blobs: tensors, files, configs
-    │   └── .tmp-<random>            a blob being written (flock held while it is); gc removes stale ones
+    │   ├── .tmp-<random>            a blob being written (flock held while it is); gc removes stale ones
+    │   └── .partial-sha256-<hex>    a download in progress, resumable (flock held while written)
     ├── manifests/
     │   └── <host>/<namespace>/<model>/<tag>     manifest JSON, byte-exact
     │       (`zreg serve` stores a manifest pushed by digest only under the tag
@@ -29,6 +30,7 @@ from .errors import StoreError
 from .names import ModelName
 
 TEMP_PREFIX = ".tmp-"
+PARTIAL_PREFIX = ".partial-"
 
 
 def default_root() -> Path:
@@ -72,6 +74,11 @@ class Layout:
         """`sha256:<hex>` -> blobs/sha256-<hex>."""
         check_digest(digest)
         return self.blobs / digest.replace(":", "-", 1)
+
+    def partial(self, digest: str) -> Path:
+        """Where a download of `digest` accumulates until it is verified."""
+        check_digest(digest)
+        return self.blobs / f"{PARTIAL_PREFIX}{digest.replace(':', '-', 1)}"
 
     def manifest(self, name: ModelName) -> Path:
         path = self.manifests / name.host / name.namespace / name.model / name.tag

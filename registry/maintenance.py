@@ -13,6 +13,7 @@ from .manifest import Manifest
 from .names import ModelName
 from .store import Store, temp_is_stale
 from .tensorblob import read_blob_tensor
+from .uploads import UPLOAD_MAX_AGE, Uploads
 
 
 def referenced_digests(store: Store, skip: ModelName | None = None) -> set[str]:
@@ -34,7 +35,8 @@ def referenced_digests(store: Store, skip: ModelName | None = None) -> set[str]:
 class GcResult:
     blobs: int = 0
     bytes: int = 0
-    temps: int = 0
+    temps: int = 0       # stale temp files and abandoned partial downloads
+    uploads: int = 0     # `zreg serve` upload sessions idle for longer than UPLOAD_MAX_AGE
 
 
 def collect_garbage(store: Store, dry_run: bool = False, on_wait=None, temp_min_age: float = 60.0) -> GcResult:
@@ -57,6 +59,7 @@ def collect_garbage(store: Store, dry_run: bool = False, on_wait=None, temp_min_
                     temp.unlink(missing_ok=True)
         if not dry_run:
             store.blobs.sync()
+            result.uploads = Uploads(store).purge(UPLOAD_MAX_AGE)
     return result
 
 

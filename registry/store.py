@@ -21,7 +21,7 @@ from typing import Iterator
 
 from .digest import check_digest
 from .errors import ModelNotFound, StoreError
-from .layout import TEMP_PREFIX, Layout
+from .layout import PARTIAL_PREFIX, TEMP_PREFIX, Layout
 from .manifest import Manifest, ModelConfig
 from .names import ModelName, parse_name
 
@@ -157,10 +157,11 @@ class BlobStore:
                 yield digest
 
     def temp_files(self) -> Iterator[Path]:
+        """Blobs being written and downloads in progress (never read as blobs)."""
         if not self.dir.exists():
             return
         for entry in os.scandir(self.dir):
-            if entry.name.startswith(TEMP_PREFIX):
+            if entry.name.startswith((TEMP_PREFIX, PARTIAL_PREFIX)):
                 yield Path(entry.path)
 
 

@@ -32,7 +32,6 @@ from .names import ModelName
 from .ocimodel import from_oci, is_zreg_oci, to_oci
 from .store import Store
 
-PARTIAL_PREFIX = ".partial-"
 CHUNK = 1 << 20
 MONOLITHIC_MAX = 16 << 20        # blobs up to this size go in one PUT
 UPLOAD_CHUNK = 256 << 20         # PATCH size for larger blobs (raised to OCI-Chunk-Min-Length)
@@ -60,10 +59,6 @@ class Progress:
     def blob_done(self) -> None: ...
 
 
-def partial_path(store: Store, digest: str):
-    return store.blobs.dir / f"{PARTIAL_PREFIX}{digest.replace(':', '-')}"
-
-
 # ---- pull ---------------------------------------------------------------------------------------
 
 def _disk_error(e: OSError, store: Store, digest: str) -> ZregError:
@@ -77,7 +72,7 @@ def fetch_blob(store: Store, client: RegistryClient, repository: str, desc: Desc
                progress: Progress, stats: TransferResult, lock: threading.Lock) -> None:
     """Download one blob into the store, resuming a partial file, verifying size and digest."""
     store.blobs.dir.mkdir(parents=True, exist_ok=True)
-    path = partial_path(store, desc.digest)
+    path = store.layout.partial(desc.digest)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another pull of the same blob waits here, then finds it done

@@ -120,3 +120,18 @@ def test_unknown_model_errors(store):
     for args in (["show", "nope"], ["rm", "nope"], ["verify", "nope"], ["export", "nope", "/tmp/x-never"]):
         proc = run_zreg(*args, store=store, check=False)
         assert proc.returncode != 0 and "'nope:latest' not found" in proc.stderr, args
+
+
+def test_gc_removes_abandoned_partial_downloads_but_not_live_ones(two_models):
+    import fcntl
+
+    store = two_models
+    digest = "sha256:" + "ab" * 32
+    dead = store.layout.partial(digest)
+    dead.write_bytes(b"half a download")
+    live = store.layout.partial("sha256:" + "cd" * 32)
+    live.write_bytes(b"being downloaded")
+    with open(live, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert collect_garbage(store, temp_min_age=0).temps == 1
+        assert live.exists() and not dead.exists()
