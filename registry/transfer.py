@@ -97,7 +97,8 @@ def fetch_blob(store: Store, client: RegistryClient, repository: str, desc: Desc
                 if attempt == BLOB_ATTEMPTS - 1:
                     raise
                 continue
-            if have and resp.status_code == 200:  # the registry ignored Range: start over
+            ranged = resp.status_code == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+            if have and not ranged:  # the registry ignored Range (or sent another): start over
                 os.ftruncate(fd, 0)
                 hasher = hashlib.sha256()
                 resumed = have = 0
