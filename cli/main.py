@@ -3,6 +3,7 @@
 from . import store_commands  # noqa: F401  (registers the commands)
 from . import serve_commands  # noqa: F401
 from . import transfer_commands  # noqa: F401
+from . import run_commands  # noqa: F401
 from .app import cli
 
 

@@ -205,7 +205,11 @@ def export(name: str, folder: Path, models: str | None):
 def demo(workdir: Path | None, models: str | None):
     """Run the main job on the embedded tiny Z-Image model."""
     from zreg.fixtures.tiny_zimage import write_tiny_zimage
+    from zreg.runtime import blas
 
+    from .run_commands import generate
+
+    blas.reexec_with_fast_blas()  # the generate steps below use MLX's CPU matmuls
     store = Store(models)
     workdir = workdir or store.root.parent / "demo"
     folder = workdir / "tiny-zimage"
@@ -218,5 +222,15 @@ def demo(workdir: Path | None, models: str | None):
     ctx.invoke(verify, names=("tiny-zimage",), models=str(store.root))
     exported = workdir / f"export-{int(time.time())}"
     ctx.invoke(export, name="tiny-zimage", folder=exported, models=str(store.root))
+    ctx.invoke(quantize, mode="fp8", source="tiny-zimage", destination="tiny-zimage:fp8", skip=(),
+               models=str(store.root))
+    images = []
+    for name in ("tiny-zimage", "tiny-zimage:fp8"):
+        path = workdir / f"{name.replace(':', '-')}.png"
+        ctx.invoke(generate, name=name, prompt="a red fox in the snow", size="256x256", width=None,
+                   height=None, steps=4, seed=42, guidance=None, negative=None, noise=None, output=path,
+                   device=None, low_memory=False, force=False, models=str(store.root))
+        images.append(path)
+    click.echo("images: " + ", ".join(str(p) for p in images))
 
 

@@ -1,0 +1,120 @@
+"""The image API under load: requests per minute and p50/p95 latency at 1, 4 and 16 concurrent
+clients, and the server's overhead over a direct in-process generate of the same request.
+
+    python benchmarks/bench_api.py [--size 64x64] [--steps 8] [--requests 24]
+
+A `zreg serve` subprocess on a free loopback port serves the embedded tiny model from a temp
+store (its queue sized so no request is refused). The direct figure runs the same request with
+the runtime in this process (after the server has stopped, so they never share the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.peers import free_port, wait_ready  # noqa: E402
+
+from zreg.fixtures.tiny_zimage import write_tiny_zimage  # noqa: E402
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def load(url: str, body: dict, clients: int, total: int) -> dict:
+    latencies, failures = [], []
+    lock = threading.Lock()
+    todo = iter(range(total))
+
+    def client():
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
+            start = time.perf_counter()
+            resp = requests.post(url, json=body, timeout=600)
+            with lock:
+                (latencies if resp.status_code == 200 else failures).append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"rpm": len(latencies) / wall * 60, "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
+            "ok": len(latencies), "refused": len(failures)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="64x64")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=24)
+    args = ap.parse_args(argv)
+    width, height = map(int, args.size.split("x"))
+    body = {"model": "tiny", "prompt": "a lighthouse at dusk", "size": args.size, "steps": args.steps, "seed": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, ZREG_MODELS=str(Path(tmp) / "models"))
+        folder = write_tiny_zimage(Path(tmp) / "tiny")
+        zreg = [sys.executable, "-m", "zreg.cli.main"]
+        subprocess.run([*zreg, "create", str(folder), "-n", "tiny"], env=env, check=True, capture_output=True)
+        port = free_port()
+        server = subprocess.Popen([*zreg, "serve", "--addr", f"127.0.0.1:{port}", "--max-queue", "64",
+                                   "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/v2/", timeout=60, proc=server)
+            url = f"http://127.0.0.1:{port}/v1/images/generations"
+            for _ in range(3):  # warm up: load the model, fill the page cache
+                requests.post(url, json=body, timeout=600).raise_for_status()
+            print(f"tiny fixture, {args.size}, {args.steps} steps, {args.requests} requests per level, CPU")
+            rows = {}
+            for clients in (1, 4, 16):
+                rows[clients] = load(url, body, clients, args.requests)
+                r = rows[clients]
+                print(f"  {clients:2d} clients: {r['rpm']:7.1f} requests/min  p50 {r['p50']:.3f} s  "
+                      f"p95 {r['p95']:.3f} s  ({r['ok']} ok, {r['refused']} refused)")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        # Direct, in this process, the same request.
+        from zreg.registry.store import Store
+        from zreg.runtime.backend import select
+        from zreg.runtime.png import encode_png, generation_text
+        from zreg.runtime.service import open_pipeline
+        from zreg.runtime.zimage.pipeline import Request
+
+        pipeline = open_pipeline(Store(env["ZREG_MODELS"]), "tiny", select("cpu"))
+        request = Request(prompt=body["prompt"], width=width, height=height, steps=args.steps, seed=1)
+        for _ in range(3):
+            pipeline.generate(request)
+        plain, with_png = [], []
+        for _ in range(args.requests):
+            start = time.perf_counter()
+            result = pipeline.generate(request)
+            plain.append(time.perf_counter() - start)
+            encode_png(result.image, generation_text(result, "tiny", "sha256:x"))
+            with_png.append(time.perf_counter() - start)
+        direct, direct_png = statistics.median(plain), statistics.median(with_png)
+        served = rows[1]["p50"]
+        print(f"  direct generate {direct:.3f} s (+PNG {direct_png:.3f} s); served p50 {served:.3f} s; "
+              f"overhead {100 * (served / direct - 1):.1f}% over generate, {100 * (served / direct_png - 1):.1f}% "
+              f"over generate+PNG (target < 5%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The few hot operations whose MLX CPU kernels are slow on x86, with a numpy path for them.
+
+MLX's CPU backend vectorises only on Apple silicon (its SIMD layer has width 1 elsewhere) and
+runs elementwise kernels on one thread, so on a Linux CPU `exp` runs at ~75 M/s against
+~1.4 G/s for numpy's AVX-512 ufuncs, and attention's softmax or SiLU cost more than the
+matmuls around them. On the CPU with float32, these functions therefore evaluate their (already
+computed) inputs, view them as numpy arrays (zero-copy), compute there, and hand one array back
+to MLX. Everywhere else (Metal, CUDA, half precision) they are the plain MLX expressions, and the
+tests run both paths against each other.
+
+Attention on the numpy path works a block of query rows of one head at a time, so the score
+matrix never exists whole (MLX's CPU fallback materialises all heads' scores at once).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+ATTENTION_BLOCK = 256         # query rows per attention block (numpy path)
+CONV_BAND_BYTES = 64 << 20     # largest im2col buffer one conv call may make
+TEMP_CHUNK_ELEMENTS = 1 << 18  # numpy temporaries: 1 MB per thread at most
+
+# Off with ZREG_NUMPY_KERNELS=0 (the parity tests run both settings).
+_enabled = os.environ.get("ZREG_NUMPY_KERNELS", "1") != "0"
+
+
+def set_numpy_kernels(enabled: bool) -> None:
+    global _enabled
+    _enabled = enabled
+
+
+def numpy_kernels_on(device: str, dtype) -> bool:
+    """Whether a run on `device` computing in `dtype` takes the numpy paths below."""
+    return _enabled and device == "cpu" and dtype == mx.float32
+
+
+def numpy_path(*arrays: mx.array) -> bool:
+    return (_enabled and mx.default_device() == mx.cpu
+            and all(a.dtype == mx.float32 for a in arrays))
+
+
+def _split(n: int) -> list[tuple[int, int]]:
+    """Cut range(n) into one slice per core (numpy's ufuncs run on one thread and release the GIL)."""
+    parts = max(1, min(n, _THREADS))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _parallel(fn, n: int) -> None:
+    slices = _split(n)
+    if len(slices) == 1:
+        fn(*slices[0])
+    else:
+        list(_pool().map(lambda ab: fn(*ab), slices))
+
+
+_THREADS = os.cpu_count() or 1
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(_THREADS, thread_name_prefix="zreg-ops")
+    return _POOL
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
+    """softmax(q k^T * scale [+ causal mask]) v for q [B, H, L, D], k and v [B, Hkv, S, D]
+    (Hkv divides H: grouped-query attention).
+
+    The numpy path is a blocked ("flash"-style) kernel: for each head and block of
+    ATTENTION_BLOCK query rows, scores -> softmax -> times v in a small scratch that stays in
+    cache, the blocks spread over the cores (numpy's BLAS set to one thread for this, see
+    `_numpy_blas_one_thread`). No score matrix for all heads ever exists; the result is
+    written into one fresh MLX buffer."""
+    if not numpy_path(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    B, H, L, D = q.shape
+    S, rep = k.shape[2], H // k.shape[1]
+    # Heads made contiguous (numpy's matmul on the models' strided per-head views is ~1.6x
+    # slower); the output is written as [B, L, H, D], what the caller reshapes to [B, L, H * D],
+    # and returned transposed to [B, H, L, D].
+    q, k, v = mx.contiguous(q), mx.contiguous(k), mx.contiguous(v)
+    out, on = _fresh((B, L, H, v.shape[-1]))
+    mx.eval(q, k, v)
+    qn, kn, vn = np.asarray(q), np.asarray(k), np.asarray(v)
+    block = ATTENTION_BLOCK
+    tasks = [(b, h, r) for b in range(B) for h in range(H) for r in range(0, L, block)]
+    threads = _THREADS if _numpy_blas_one_thread() else 1
+    scale = np.float32(scale)
+
+    def work(mine):
+        scratch = np.empty((block, S), np.float32)
+        result = np.empty((block, vn.shape[-1]), np.float32)
+        for b, h, r in mine:
+            rows = min(block, L - r)
+            s, o = scratch[:rows], result[:rows]
+            np.matmul(qn[b, h, r:r + rows], kn[b, h // rep].T, out=s)
+            s *= scale
+            if causal:  # query i (of L, aligned to the end of S) sees keys 0 .. i + S - L
+                s[np.triu(np.ones((rows, S), bool), k=r + S - L + 1)] = -np.inf
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            denom = s.sum(axis=-1, keepdims=True)
+            np.matmul(s, vn[b, h // rep], out=o)
+            np.divide(o, denom, out=on[b, r:r + rows, h])
+
+    if threads == 1:
+        work(tasks)
+    else:
+        list(_pool().map(work, [tasks[i::threads] for i in range(threads)]))
+    return out.transpose(0, 2, 1, 3)
+
+
+_BLAS_ONE_THREAD = None
+
+
+def _numpy_blas_one_thread() -> bool:
+    """Set numpy's bundled OpenBLAS to one thread (once), so the attention blocks can run one
+    per core without each spawning BLAS threads; True if that worked. Only numpy's copy is
+    touched (it has its own symbol names); MLX's BLAS keeps its threads."""
+    global _BLAS_ONE_THREAD
+    if _BLAS_ONE_THREAD is None:
+        _BLAS_ONE_THREAD = False
+        import ctypes
+        import glob
+
+        libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*"))
+        for path in libs:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+                if hasattr(lib, name):
+                    getattr(lib, name)(1)
+                    _BLAS_ONE_THREAD = True
+                    break
+    return _BLAS_ONE_THREAD
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)."""
+    if not numpy_path(x):
+        return nn.silu(x)
+    return _silu_times(x, mx.contiguous(x * 1.0))
+
+
+def silu_mul(a: mx.array, b: mx.array) -> mx.array:
+    """silu(a) * b (the SwiGLU gate)."""
+    if not numpy_path(a, b) or a.shape != b.shape:
+        return nn.silu(a) * b
+    return _silu_times(a, mx.contiguous(a * b))
+
+
+def _silu_times(a: mx.array, y: mx.array) -> mx.array:
+    """y / (1 + e^-a), in place in y's fresh buffer: silu(a) * b with y = a * b."""
+    mx.eval(a, y)
+    an, yn = np.asarray(a).reshape(-1, a.shape[-1]), np.asarray(y).reshape(-1, a.shape[-1])
+
+    def rows(i, j):
+        for a in range(i, j, _rows_per_chunk(an.shape[1])):  # small temporaries, not a copy of `a`
+            b = min(j, a + _rows_per_chunk(an.shape[1]))
+            t = np.negative(an[a:b])
+            np.exp(t, out=t)
+            t += np.float32(1)
+            yn[a:b] /= t
+
+    _parallel(rows, an.shape[0])
+    return y
+
+
+def _rows_per_chunk(width: int) -> int:
+    return max(1, TEMP_CHUNK_ELEMENTS // max(1, width))
+
+
+def group_norm_silu(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float,
+                    act: bool) -> mx.array:
+    """GroupNorm (torch's channel grouping, statistics in float32) on NHWC x, then SiLU if `act`."""
+    N, H, W, C = x.shape
+    if not numpy_path(x):
+        g = x.astype(mx.float32).reshape(N, H * W, groups, C // groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = mx.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        g = ((g - mean) * mx.rsqrt(var + eps)).reshape(N, H, W, C).astype(x.dtype)
+        y = g * weight.astype(x.dtype) + bias.astype(x.dtype)
+        return nn.silu(y) if act else y
+    w, b = weight.astype(mx.float32), bias.astype(mx.float32)
+    mx.eval(x, w, b)
+    y, yn = _fresh((N, H, W, C))
+    xn, yn = np.asarray(x).reshape(N, H * W, C), yn.reshape(N, H * W, C)
+    cg, step = C // groups, _rows_per_chunk(C)
+    chunks = [(n, a, min(H * W, a + step)) for n in range(N) for a in range(0, H * W, step)]
+
+    def reduce(fn):  # per-chunk float32 column sums (contiguous rows: fast), added up in float64
+        parts = np.zeros((len(chunks), C), np.float64)
+
+        def work(i, j):
+            for k in range(i, j):
+                n, a, z = chunks[k]
+                parts[k] = fn(n, xn[n, a:z]).sum(axis=0)
+        _parallel(work, len(chunks))
+        per_n = np.stack([parts[[k for k, c in enumerate(chunks) if c[0] == n]].sum(axis=0) for n in range(N)])
+        return per_n.reshape(N, groups, cg).sum(axis=2)
+
+    def squared_deviation(n, rows):
+        t = rows - m32[n]
+        return np.square(t, out=t)
+
+    count = H * W * cg
+    mean = reduce(lambda n, rows: rows) / count                                # [N, groups]
+    m32 = np.repeat(mean, cg, axis=1).astype(np.float32)                       # [N, C]
+    var = reduce(squared_deviation) / count                                    # two-pass, as torch
+    inv = 1.0 / np.sqrt(var + eps)
+    wn, bn = np.asarray(w).reshape(groups, cg), np.asarray(b).reshape(groups, cg)
+    # Per channel y = x * scale + shift: the group's statistics folded into the affine.
+    scale = (inv[:, :, None] * wn).reshape(N, C).astype(np.float32)
+    shift = (bn - (mean * inv)[:, :, None] * wn).reshape(N, C).astype(np.float32)
+
+    def write(i, j):
+        for k in range(i, j):
+            n, a, z = chunks[k]
+            out = yn[n, a:z]
+            np.multiply(xn[n, a:z], scale[n], out=out)
+            out += shift[n]
+            if act:
+                t = np.negative(out)
+                np.exp(t, out=t)
+                t += np.float32(1)
+                out /= t
+
+    _parallel(write, len(chunks))
+    return y
+
+
+def _fresh(shape) -> tuple[mx.array, np.ndarray]:
+    """A new MLX float32 buffer and a writable numpy view of it (numpy fills it in place)."""
+    a = mx.zeros(shape, mx.float32)
+    mx.eval(a)
+    view = np.asarray(a)
+    if not (view.flags.c_contiguous and view.flags.writeable):  # never a broadcast constant
+        a = mx.contiguous(a + 0.0)
+        mx.eval(a)
+        view = np.asarray(a)
+    return a, view
+
+
+def upsample2x(x: mx.array) -> mx.array:
+    """Nearest-neighbour 2x of NHWC x."""
+    N, H, W, C = x.shape
+    return mx.broadcast_to(x[:, :, None, :, None, :], (N, H, 2, W, 2, C)).reshape(N, 2 * H, 2 * W, C)
+
+
+def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False) -> mx.array:
+    """conv2d(upsample2x(x) if upsample else x, w, padding=1) + b, NHWC, w [O, 3, 3, C].
+
+    The numpy path never unfolds the input (MLX's CPU conv2d writes a 9x copy of it, and runs at
+    a third of the BLAS speed): rows are done in bands; each band is zero-padded (and 2x
+    upsampled) into one flat [rows * (W + 2), C] array, in which every tap (dy, dx) is the
+    contiguous slice starting at dy * (W + 2) + dx, so the conv is 9 BLAS matmuls accumulated
+    with addmm. The two junk columns per row are dropped while the band (plus bias) is copied
+    into the preallocated output."""
+    if not numpy_path(x, w):
+        return mx.conv2d(upsample2x(x) if upsample else x, w, padding=1) + b
+    N, H, W, C = x.shape
+    f = 2 if upsample else 1
+    Ho, Wo, O = H * f, W * f, w.shape[0]
+    taps = mx.contiguous(w.transpose(1, 2, 3, 0))  # [3, 3, C, O]
+    rows = max(1, min(Ho, CONV_BAND_BYTES // ((Wo + 2) * C * 4) - 3))
+    mx.eval(x, taps, b)
+    out, on = _fresh((N, Ho, Wo, O))  # filled band by band below
+    xn, bn = np.asarray(x), np.asarray(b)
+    for n in range(N):
+        for r0 in range(0, Ho, rows):
+            r1 = min(Ho, r0 + rows)
+            # Padded input rows r0-1 .. r1 (+1 spare zero row so the last tap's slice fits).
+            flat, band = _fresh(((r1 - r0 + 3) * (Wo + 2), C))
+            band = band.reshape(r1 - r0 + 3, Wo + 2, C)
+            lo, hi = max(0, r0 - 1), min(Ho, r1 + 1)
+            dst = band[lo - (r0 - 1): hi - (r0 - 1), 1:Wo + 1]
+            if upsample:  # nearest 2x: output row r, column c come from source row r//2, column c//2
+                for i in range(2):
+                    k0 = (i - lo) % 2                       # first band row with parity i
+                    rows_i = dst[k0::2]
+                    s0 = (lo + k0) // 2
+                    for j in range(2):
+                        rows_i[:, j::2] = xn[n, s0:s0 + rows_i.shape[0]]
+            else:
+                dst[...] = xn[n, lo:hi]
+            count = (r1 - r0) * (Wo + 2)
+            acc = None
+            for dy in range(3):
+                for dx in range(3):
+                    a = flat[dy * (Wo + 2) + dx: dy * (Wo + 2) + dx + count]
+                    acc = a @ taps[dy, dx] if acc is None else mx.addmm(acc, a, taps[dy, dx])
+            mx.eval(acc)
+            np.add(np.asarray(acc).reshape(r1 - r0, Wo + 2, O)[:, :Wo], bn, out=on[n, r0:r1])
+            del acc, flat, band, dst, a  # before the next band's buffers are made
+    return out

@@ -1,0 +1,110 @@
+"""Unit checks of runtime pieces: the numpy kernels against the plain MLX expressions (the GPU
+path), the BLAS re-exec guard, PNG naming, memory-size parsing and the backend choice."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from zreg.runtime import blas, ops
+from zreg.runtime.backend import parse_bytes, select
+from zreg.runtime.errors import BadRequest
+from zreg.runtime.png import default_output, slug
+
+
+def both_paths(fn, *args, **kwargs):
+    fast = fn(*args, **kwargs)
+    ops.set_numpy_kernels(False)
+    try:
+        plain = fn(*args, **kwargs)
+    finally:
+        ops.set_numpy_kernels(True)
+    return np.array(fast), np.array(plain)
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len,kv_len,causal", [
+    (4, 4, 37, 37, False), (4, 2, 37, 37, True), (3, 1, 50, 50, True), (1, 1, 64, 64, False),
+    (2, 2, 20, 45, True)])  # fewer queries than keys: causal aligned to the end
+@pytest.mark.parametrize("block", [ops.ATTENTION_BLOCK, 7])  # one block per head / many
+def test_attention(monkeypatch, heads, kv_heads, q_len, kv_len, causal, block):
+    monkeypatch.setattr(ops, "ATTENTION_BLOCK", block)
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.standard_normal((1, heads, q_len, 16), dtype=np.float32))
+    k = mx.array(rng.standard_normal((1, kv_heads, kv_len, 16), dtype=np.float32))
+    v = mx.array(rng.standard_normal((1, kv_heads, kv_len, 16), dtype=np.float32))
+    fast, plain = both_paths(ops.attention, q, k, v, 0.3, causal)
+    np.testing.assert_allclose(fast, plain, atol=2e-6)
+
+
+def test_attention_on_transposed_inputs():
+    x = mx.array(np.random.default_rng(1).standard_normal((1, 40, 3, 8), dtype=np.float32))
+    q = x.transpose(0, 2, 1, 3)  # a strided view, as the models pass it
+    fast, plain = both_paths(ops.attention, q, q, q, 0.35)
+    np.testing.assert_allclose(fast, plain, atol=2e-6)
+
+
+def test_silu_and_silu_mul(monkeypatch):
+    monkeypatch.setattr(ops, "TEMP_CHUNK_ELEMENTS", 100)  # many chunks
+    rng = np.random.default_rng(2)
+    a_np = rng.standard_normal((3, 70, 33), dtype=np.float32) * 4
+    a, b = mx.array(a_np), mx.array(rng.standard_normal((3, 70, 33), dtype=np.float32))
+    fast, plain = both_paths(ops.silu_mul, a, b)
+    np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
+    fast, plain = both_paths(ops.silu, a)
+    np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.array(a), a_np)  # inputs untouched: results go to fresh buffers
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_group_norm_silu(act):
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.standard_normal((1, 9, 7, 32), dtype=np.float32) * 3 + 1)
+    w = mx.array(rng.standard_normal(32, dtype=np.float32))
+    b = mx.array(rng.standard_normal(32, dtype=np.float32))
+    fast, plain = both_paths(ops.group_norm_silu, x, w, b, 8, 1e-6, act)
+    np.testing.assert_allclose(fast, plain, atol=2e-5)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+@pytest.mark.parametrize("band_bytes", [ops.CONV_BAND_BYTES, 20000])  # whole, and many bands
+def test_conv3x3(monkeypatch, upsample, band_bytes):
+    monkeypatch.setattr(ops, "CONV_BAND_BYTES", band_bytes)
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.standard_normal((1, 11, 13, 8), dtype=np.float32))
+    w = mx.array(rng.standard_normal((6, 3, 3, 8), dtype=np.float32) * 0.2)
+    b = mx.array(rng.standard_normal(6, dtype=np.float32))
+    fast, plain = both_paths(ops.conv3x3, x, w, b, upsample)
+    assert fast.shape == ((1, 22, 26, 6) if upsample else (1, 11, 13, 6))
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+
+
+def test_blas_reexec_only_for_the_cli(monkeypatch):
+    # Inside pytest (not the zreg command) it never re-executes, whatever the BLAS.
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    called = []
+    monkeypatch.setattr(blas.os, "execve", lambda *a: called.append(a))
+    blas.reexec_with_fast_blas()
+    assert not called
+    assert isinstance(blas.status(), str) and blas.status()
+
+
+def test_parse_bytes_and_device_choice(monkeypatch):
+    assert parse_bytes("8GB") == 8_000_000_000 and parse_bytes("512mb") == 512_000_000
+    assert parse_bytes("1048576") == 1048576
+    with pytest.raises(BadRequest, match="ZREG_MEMORY_LIMIT"):
+        parse_bytes("lots")
+    assert select("cpu").device == "cpu" and select("cpu").compute_dtype == mx.float32
+    with pytest.raises(BadRequest, match="unknown device 'tpu'"):
+        select("tpu")
+    monkeypatch.setenv("ZREG_DTYPE", "bfloat16")
+    assert select("cpu").compute_dtype == mx.bfloat16
+
+
+def test_output_names(tmp_path):
+    assert slug("A red fox, in the SNOW!") == "a-red-fox-in-the-snow"
+    assert slug("一只狐狸") == "image"
+    first = default_output("a fox", tmp_path)
+    first.write_bytes(b"x")
+    second = default_output("a fox", tmp_path)
+    assert second != first and second.name.startswith("a-fox-")
