@@ -230,15 +230,17 @@ class ImageAPI:
         def cancelled() -> bool:
             return transport is None or transport.is_closing()
 
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(
-            self.pool, lambda: self.service.generate(loaded, gen_request, on_step=on_step, cancelled=cancelled))
-        png = encode_png(result.image, generation_text(result, loaded.name, loaded.digest))
-        if params.response_format == "url":
-            image_id = self.images.put(png)
-            return {"url": f"{http_request.scheme}://{http_request.host}/v1/images/files/{image_id}.png",
-                    "seed": result.request.seed}
-        return {"b64_json": base64.b64encode(png).decode(), "seed": result.request.seed}
+        def work():  # on a worker thread: PNG encoding of a large image would stall the event loop
+            result = self.service.generate(loaded, gen_request, on_step=on_step, cancelled=cancelled)
+            png = encode_png(result.image, generation_text(result, loaded.name, loaded.digest))
+            if params.response_format == "url":
+                return {"url": self.images.put(png), "seed": result.request.seed}
+            return {"b64_json": base64.b64encode(png).decode(), "seed": result.request.seed}
+
+        item = await asyncio.get_running_loop().run_in_executor(self.pool, work)
+        if "url" in item:
+            item["url"] = f"{http_request.scheme}://{http_request.host}/v1/images/files/{item['url']}.png"
+        return item
 
     async def _stream(self, http_request, loaded, params, requests_) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
