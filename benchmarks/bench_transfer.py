@@ -132,6 +132,8 @@ def main(argv=None) -> int:
                                                                  name)], store=pulled)
                 row["re-pull"], _ = timed([*zreg("pull", name)], store=pulled)
                 shutil.rmtree(pulled)
+                # Forget this rep's name, or the next push would mount every blob from it.
+                timed([*zreg("rm", "--keep-blobs", name)], store=store)
                 rows.append(row)
                 print(json.dumps({k: round(v, 2) for k, v in row.items()}))
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
