@@ -5,7 +5,8 @@ peak is the largest of three phases, each = the weights resident in that phase +
 transient of one layer (a weight cast or dequantized at use) + that phase's activations. The
 activation terms follow the code: blocks are evaluated one at a time, attention scores are made
 a block of rows at a time (ops.attention), VAE convs in bands (ops.conv3x3). The coefficients
-(16 token-rows of width `dim` alive around attention, 3 of the FFN width) were measured with
+(5 token-rows of width `dim` alive inside attention, 3 of the FFN width inside the FFN, 6 of
+width `dim` around them) were measured with
 `mx.get_peak_memory` on the CPU path; tests/test_runtime_memory.py holds the estimate to within
 20% of the measured peak.
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from . import ops
 from .errors import NotEnoughMemory
 from .weights import FP8_WEIGHT
+from .zimage.pipeline import LOW_MEMORY_TILE, TILE_LATENT
 
 PROCESS_OVERHEAD = 300 << 20
 F32 = 4
@@ -81,7 +83,7 @@ def _attention_scores(heads: int, q_len: int, kv_len: int, numpy_path: bool) -> 
     """Bytes of attention scores alive at once: a block of rows per core on the numpy path
     (numpy memory, outside MLX's count), all heads' scores (and their softmax) in MLX's fallback."""
     if not numpy_path:
-        return heads * q_len * kv_len * F32 * 2
+        return heads * q_len * kv_len * F32
     return ops._THREADS * min(q_len, ops.ATTENTION_BLOCK) * kv_len * F32
 
 
@@ -121,9 +123,11 @@ def estimate(model, request) -> Estimate:
     cap = max(captions)
     L = img + (-img) % 32 + cap + (-cap) % 32  # image and caption tokens, each padded to 32
     Ld, Lf = L * tc.dim * compute_size, L * tc.ffn_hidden * compute_size
-    attention = 16 * Ld + _attention_scores(tc.n_heads, L, L, numpy_path)
+    # Measured on the CPU: the numpy kernels (fused norm + rope, blocked attention) keep 5 rows of
+    # width dim alive in attention; the plain MLX expressions 17 (rope temporaries, transposes).
+    attention = (5 if numpy_path else 17) * Ld + _attention_scores(tc.n_heads, L, L, numpy_path)
     ffn = 3 * Lf
-    acts = max(attention, ffn) + 3 * Ld
+    acts = max(attention, ffn) + 6 * Ld
     if len(captions) > 1:
         acts += 2 * Ld  # the second (negative) prediction
     phases.append(Phase("transformer", weights, _linear_transient(part, list(part.tensors), compute_size), acts))
@@ -132,8 +136,6 @@ def estimate(model, request) -> Estimate:
     part = model.parts["vae"]
     weights = sum(_elements(layer) * (compute_size if len(layer.shape or ()) == 4 else _size(layer))
                   for name, layer in part.tensors.items() if name.startswith("decoder."))
-    from .zimage.pipeline import LOW_MEMORY_TILE, TILE_LATENT  # noqa: PLC0415
-
     tile = LOW_MEMORY_TILE if low_memory else TILE_LATENT
     th, tw = (min(h, tile), min(w, tile)) if (h > tile or w > tile) else (h, w)
     acts = _vae_activations(vc, th, tw, compute_size, numpy_path)
@@ -161,11 +163,12 @@ def _conv_extra(h: int, w: int, c_in: int, c_out: int, size: int, numpy_path: bo
     out = ho * wo * c_out * size
     if not numpy_path:  # MLX's conv2d: the unfolded (im2col) input, and the upsampled input
         return out + ho * wo * c_in * 9 * size + (ho * wo * c_in * size if upsample else 0)
-    # Bands: the padded flat input band, the accumulator (addmm reuses its buffer), the taps.
-    rows = max(1, min(ho, ops.CONV_BAND_BYTES // ((wo + 2) * c_in * 4) - 3))
-    band = (rows + 3) * (wo + 2) * c_in * 4
-    acc = rows * (wo + 2) * c_out * 4
-    return out + band + acc + 9 * c_in * c_out * 4
+    # Bands of input rows: the padded flat band, the accumulator (addmm reuses its buffer), the
+    # taps (an upsampling conv works on the low-resolution input, with 16 folded 2x2 taps).
+    rows = max(1, min(h, ops.CONV_BAND_BYTES // ((w + 2) * c_in * 4) - 3))
+    band = (rows + 3) * (w + 2) * c_in * 4
+    acc = rows * (w + 2) * c_out * 4
+    return out + band + acc + (16 if upsample else 9) * c_in * c_out * 4
 
 
 def _vae_activations(vc, h: int, w: int, size: int, numpy_path: bool) -> int:
@@ -174,12 +177,13 @@ def _vae_activations(vc, h: int, w: int, size: int, numpy_path: bool) -> int:
     boc = list(vc.block_out_channels)
     c = boc[-1]
     act = lambda hh, ww, cc: hh * ww * cc * size  # noqa: E731
+    norm = 1 if numpy_path else 3  # GroupNorm + SiLU: one fresh buffer, or MLX's temporaries
     worst = act(h, w, c) + _conv_extra(h, w, vc.latent_channels, c, size, numpy_path)  # conv_in
 
     def resnet(hh, ww, ci, co):
         x = act(hh, ww, ci)
-        first = act(hh, ww, ci) + _conv_extra(hh, ww, ci, co, size, numpy_path)
-        second = act(hh, ww, co) + act(hh, ww, co) + _conv_extra(hh, ww, co, co, size, numpy_path)
+        first = norm * act(hh, ww, ci) + _conv_extra(hh, ww, ci, co, size, numpy_path)
+        second = act(hh, ww, co) + norm * act(hh, ww, co) + _conv_extra(hh, ww, co, co, size, numpy_path)
         shortcut = 2 * act(hh, ww, co) if ci != co else act(hh, ww, co)
         return x + max(first, second, shortcut)
 

@@ -6,10 +6,17 @@ runs elementwise kernels on one thread, so on a Linux CPU `exp` runs at ~75 M/s 
 matmuls around them. On the CPU with float32, these functions therefore evaluate their (already
 computed) inputs, view them as numpy arrays (zero-copy), compute there, and hand one array back
 to MLX. Everywhere else (Metal, CUDA, half precision) they are the plain MLX expressions, and the
-tests run both paths against each other.
+tests run both paths against each other. Matmuls stay in MLX (BLAS) except inside attention.
 
-Attention on the numpy path works a block of query rows of one head at a time, so the score
-matrix never exists whole (MLX's CPU fallback materialises all heads' scores at once).
+    attention        blocked softmax(q k^T) v; no full score matrix (MLX's CPU fallback makes all
+                     heads' scores at once)
+    silu, silu_mul   the SwiGLU gate
+    norm_rope        RMSNorm of q/k and the rotary embedding, fused, written in attention's layout
+    group_norm_silu  the VAE's GroupNorm (+ SiLU)
+    conv3x3          the VAE's convs as shifted BLAS matmuls, in bands; 2x upsampling folded in
+
+Results go into fresh MLX buffers that numpy fills through a view (`_fresh`); inputs are never
+written. Work is split over the cores with a thread pool (numpy releases the GIL).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 ATTENTION_BLOCK = 256         # query rows per attention block (numpy path)
-CONV_BAND_BYTES = 64 << 20     # largest im2col buffer one conv call may make
+CONV_BAND_BYTES = 64 << 20     # largest padded input band of one conv (numpy path)
 TEMP_CHUNK_ELEMENTS = 1 << 18  # numpy temporaries: 1 MB per thread at most
 
 # Off with ZREG_NUMPY_KERNELS=0 (the parity tests run both settings).
@@ -58,7 +65,7 @@ def _parallel(fn, n: int) -> None:
         list(_pool().map(lambda ab: fn(*ab), slices))
 
 
-_THREADS = os.cpu_count() or 1
+_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _POOL = None
 
 
@@ -103,7 +110,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
             rows = min(block, L - r)
             s, o = scratch[:rows], result[:rows]
             np.matmul(qn[b, h, r:r + rows], kn[b, h // rep].T, out=s)
-            s *= scale
+            if scale != 1:  # (the transformer folds the scale into q: norm_rope's `scale`)
+                s *= scale
             if causal:  # query i (of L, aligned to the end of S) sees keys 0 .. i + S - L
                 s[np.triu(np.ones((rows, S), bool), k=r + S - L + 1)] = -np.inf
             s -= s.max(axis=-1, keepdims=True)
@@ -150,31 +158,82 @@ def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x)."""
     if not numpy_path(x):
         return nn.silu(x)
-    return _silu_times(x, mx.contiguous(x * 1.0))
+    return _silu_times(x, None)
 
 
 def silu_mul(a: mx.array, b: mx.array) -> mx.array:
     """silu(a) * b (the SwiGLU gate)."""
     if not numpy_path(a, b) or a.shape != b.shape:
         return nn.silu(a) * b
-    return _silu_times(a, mx.contiguous(a * b))
+    return _silu_times(a, b)
 
 
-def _silu_times(a: mx.array, y: mx.array) -> mx.array:
-    """y / (1 + e^-a), in place in y's fresh buffer: silu(a) * b with y = a * b."""
-    mx.eval(a, y)
-    an, yn = np.asarray(a).reshape(-1, a.shape[-1]), np.asarray(y).reshape(-1, a.shape[-1])
+def _silu_times(a: mx.array, b: mx.array | None) -> mx.array:
+    """a * b / (1 + e^-a) (b = 1 when None), written into a fresh buffer, rows split over cores."""
+    mx.eval(a) if b is None else mx.eval(a, b)
+    y, yn = _fresh(a.shape)
+    width = a.shape[-1]
+    an, yn = np.asarray(a).reshape(-1, width), yn.reshape(-1, width)
+    bn = None if b is None else np.asarray(b).reshape(-1, width)
 
     def rows(i, j):
-        for a in range(i, j, _rows_per_chunk(an.shape[1])):  # small temporaries, not a copy of `a`
-            b = min(j, a + _rows_per_chunk(an.shape[1]))
-            t = np.negative(an[a:b])
+        step = _rows_per_chunk(width)  # small temporaries
+        for r in range(i, j, step):
+            z = min(j, r + step)
+            if bn is None:
+                yn[r:z] = an[r:z]
+            else:
+                np.multiply(an[r:z], bn[r:z], out=yn[r:z])
+            t = np.negative(an[r:z])
             np.exp(t, out=t)
             t += np.float32(1)
-            yn[a:b] /= t
+            yn[r:z] /= t
 
     _parallel(rows, an.shape[0])
     return y
+
+
+def norm_rope(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, sin: mx.array,
+              scale: float = 1.0) -> mx.array:
+    """RMSNorm over the last axis (if `weight`), then rotary on interleaved pairs, in float32, for
+    x [B, L, H, D] with cos, sin [L, D/2]; returns [B, H, L, D] (contiguous on the numpy path,
+    which is the layout attention wants), times `scale` (attention's, folded into q)."""
+    if scale != 1:
+        cos, sin = cos * scale, sin * scale  # rotation is linear: scaling the tables scales the output
+    if not numpy_path(x):
+        if weight is not None:
+            x = mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
+        dtype = x.dtype
+        pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
+        re, im = pairs[..., 0], pairs[..., 1]
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        out = mx.stack([re * c - im * s, re * s + im * c], axis=-1)
+        return out.reshape(x.shape).astype(dtype).transpose(0, 2, 1, 3)
+    B, L, H, D = x.shape
+    w = None if weight is None else weight.astype(mx.float32)
+    mx.eval(x, cos, sin) if w is None else mx.eval(x, w, cos, sin)
+    out, on = _fresh((B, H, L, D))
+    xn, cn, sn = np.asarray(x), np.asarray(cos), np.asarray(sin)
+    wn = None if w is None else np.asarray(w)
+    pairs = on.reshape(B, H, L, D // 2, 2)
+
+    def rows(i, j):
+        step = max(1, _rows_per_chunk(H * D))
+        for b in range(B):
+            for r in range(i, j, step):
+                z = min(j, r + step)
+                t = xn[b, r:z]                                          # [rows, H, D]
+                if wn is not None:
+                    inv = 1.0 / np.sqrt(np.mean(np.square(t), axis=-1, keepdims=True) + np.float32(eps))
+                    t = (t * inv.astype(np.float32)) * wn
+                re, im = t[..., 0::2], t[..., 1::2]                   # [rows, H, D/2]
+                c, s = cn[r:z, None, :], sn[r:z, None, :]
+                dst = pairs[b, :, r:z].transpose(1, 0, 2, 3)           # [rows, H, D/2, 2] view
+                np.subtract(re * c, im * s, out=dst[..., 0])
+                np.add(re * s, im * c, out=dst[..., 1])
+
+    _parallel(rows, L)
+    return out
 
 
 def _rows_per_chunk(width: int) -> int:
@@ -262,45 +321,57 @@ def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False) -> mx
     """conv2d(upsample2x(x) if upsample else x, w, padding=1) + b, NHWC, w [O, 3, 3, C].
 
     The numpy path never unfolds the input (MLX's CPU conv2d writes a 9x copy of it, and runs at
-    a third of the BLAS speed): rows are done in bands; each band is zero-padded (and 2x
-    upsampled) into one flat [rows * (W + 2), C] array, in which every tap (dy, dx) is the
-    contiguous slice starting at dy * (W + 2) + dx, so the conv is 9 BLAS matmuls accumulated
-    with addmm. The two junk columns per row are dropped while the band (plus bias) is copied
-    into the preallocated output."""
+    a third of the BLAS speed): rows are done in bands; each band is zero-padded into one flat
+    [rows * (W + 2), C] array, in which every tap (dy, dx) is the contiguous slice starting at
+    dy * (W + 2) + dx, so the conv is a few BLAS matmuls accumulated with addmm. The two junk
+    columns per row are dropped while the band (plus bias) is copied into the output.
+
+    With `upsample`, the conv runs on the low-resolution input: output pixel (2r + i, 2c + j)
+    only ever sees source rows {r - 1, r} (i = 0) or {r, r + 1} (i = 1), and likewise columns,
+    so each of the four output phases is a 2x2 conv whose taps are sums of the 3x3 taps
+    ("sub-pixel" form): 16 low-resolution taps instead of 9 at four times the size, and the
+    upsampled tensor never exists."""
     if not numpy_path(x, w):
         return mx.conv2d(upsample2x(x) if upsample else x, w, padding=1) + b
     N, H, W, C = x.shape
-    f = 2 if upsample else 1
-    Ho, Wo, O = H * f, W * f, w.shape[0]
+    O = w.shape[0]
     taps = mx.contiguous(w.transpose(1, 2, 3, 0))  # [3, 3, C, O]
-    rows = max(1, min(Ho, CONV_BAND_BYTES // ((Wo + 2) * C * 4) - 3))
-    mx.eval(x, taps, b)
-    out, on = _fresh((N, Ho, Wo, O))  # filled band by band below
+    if upsample:
+        # rows (and columns) of the 3x3 kernel folded for output phase 0 and 1: [phase][offset]
+        fold = [[(0,), (1, 2)], [(0, 1), (2,)]]
+        plans = []
+        for i in range(2):
+            for j in range(2):
+                phase_taps = []
+                for oy, ys in enumerate(fold[i]):
+                    for ox, xs in enumerate(fold[j]):
+                        t = sum(taps[y, x] for y in ys for x in xs)
+                        phase_taps.append((oy + i, ox + j, t))  # offsets in the padded band
+                plans.append((i, j, phase_taps))
+    else:
+        plans = [(0, 0, [(dy, dx, taps[dy, dx]) for dy in range(3) for dx in range(3)])]
+    f = 2 if upsample else 1
+    rows = max(1, min(H, CONV_BAND_BYTES // ((W + 2) * C * 4) - 3))
+    mx.eval(x, b, *[t for _, _, pt in plans for _, _, t in pt])
+    out, on = _fresh((N, H * f, W * f, O))  # filled band by band below
     xn, bn = np.asarray(x), np.asarray(b)
     for n in range(N):
-        for r0 in range(0, Ho, rows):
-            r1 = min(Ho, r0 + rows)
-            # Padded input rows r0-1 .. r1 (+1 spare zero row so the last tap's slice fits).
-            flat, band = _fresh(((r1 - r0 + 3) * (Wo + 2), C))
-            band = band.reshape(r1 - r0 + 3, Wo + 2, C)
-            lo, hi = max(0, r0 - 1), min(Ho, r1 + 1)
-            dst = band[lo - (r0 - 1): hi - (r0 - 1), 1:Wo + 1]
-            if upsample:  # nearest 2x: output row r, column c come from source row r//2, column c//2
-                for i in range(2):
-                    k0 = (i - lo) % 2                       # first band row with parity i
-                    rows_i = dst[k0::2]
-                    s0 = (lo + k0) // 2
-                    for j in range(2):
-                        rows_i[:, j::2] = xn[n, s0:s0 + rows_i.shape[0]]
-            else:
-                dst[...] = xn[n, lo:hi]
-            count = (r1 - r0) * (Wo + 2)
-            acc = None
-            for dy in range(3):
-                for dx in range(3):
-                    a = flat[dy * (Wo + 2) + dx: dy * (Wo + 2) + dx + count]
-                    acc = a @ taps[dy, dx] if acc is None else mx.addmm(acc, a, taps[dy, dx])
-            mx.eval(acc)
-            np.add(np.asarray(acc).reshape(r1 - r0, Wo + 2, O)[:, :Wo], bn, out=on[n, r0:r1])
-            del acc, flat, band, dst, a  # before the next band's buffers are made
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            # Zero-padded input rows r0-1 .. r1 (+1 spare zero row so the last tap's slice fits).
+            flat, band = _fresh(((r1 - r0 + 3) * (W + 2), C))
+            band = band.reshape(r1 - r0 + 3, W + 2, C)
+            lo, hi = max(0, r0 - 1), min(H, r1 + 1)
+            band[lo - (r0 - 1): hi - (r0 - 1), 1:W + 1] = xn[n, lo:hi]
+            count = (r1 - r0) * (W + 2)
+            for i, j, phase_taps in plans:
+                acc = None
+                for dy, dx, t in phase_taps:
+                    a = flat[dy * (W + 2) + dx: dy * (W + 2) + dx + count]
+                    acc = a @ t if acc is None else mx.addmm(acc, a, t)
+                mx.eval(acc)
+                dst = on[n, r0 * f + i: r1 * f: f, j::f]
+                np.add(np.asarray(acc).reshape(r1 - r0, W + 2, O)[:, :W], bn, out=dst)
+                del acc, a
+            del flat, band  # before the next band's buffers are made
     return out

@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from zreg.registry.digest import sha256_bytes
 from zreg.registry.manifest import Layer, Manifest, ModelConfig
 from zreg.registry.store import Store
 from zreg.registry.tensorblob import read_blob_tensor
@@ -62,8 +63,6 @@ class StoredModel:
 
     @classmethod
     def open(cls, store: Store, name: str) -> "StoredModel":
-        from zreg.registry.digest import sha256_bytes  # noqa: PLC0415 (registry helper)
-
         model_name, manifest, raw = store.resolve(name)
         return cls(store=store, name=model_name.short(), digest=sha256_bytes(raw), manifest=manifest,
                    config=store.config(manifest))
@@ -89,8 +88,9 @@ class StoredComponent:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data (what the component takes when resident)."""
-        return sum(tensor_bytes(layer) for layer in self.tensors.values())
+        """Bytes of the component's blobs (tensor data plus a ~100-byte header each): what its
+        weights take when resident."""
+        return sum(layer.size for layer in self.tensors.values())
 
     def read_file(self, file: str) -> bytes:
         layer = self.files.get(file)
@@ -130,14 +130,6 @@ def materialize(arrays: dict[str, mx.array]) -> None:
     values = list(arrays.values())
     for i in range(0, len(values), _MATERIALIZE_GROUP):
         mx.eval(values[i:i + _MATERIALIZE_GROUP])
-
-
-def tensor_bytes(layer: Layer) -> int:
-    return layer.size  # a blob is its header plus the data; close enough and never under
-
-
-def is_fp8(layer: Layer) -> bool:
-    return layer.dtype == FP8_WEIGHT
 
 
 def check_tensors(component: StoredComponent, expected: dict[str, tuple[int, ...]],

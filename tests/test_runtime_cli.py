@@ -15,7 +15,7 @@ from zreg.runtime.png import read_text
 
 from .conftest import run_zreg
 from .folders import make_model_folder
-from .test_runtime_support import PROMPT, diffusers_run, model, write_edited_copy
+from .runtime_support import PROMPT, diffusers_run, model, write_edited_copy
 
 
 def zreg(store, *args, env=None):

@@ -18,7 +18,7 @@ from zreg.runtime.errors import WeightMismatch
 from zreg.runtime.zimage.pipeline import Request
 
 from .conftest import run_zreg
-from .test_runtime_support import PROMPT, model, noise_for, open_model, psnr, write_edited_copy, write_fp8_copy
+from .runtime_support import PROMPT, model, noise_for, open_model, psnr, write_edited_copy, write_fp8_copy
 
 PSNR_ZREG_QUANTIZE = 38.0   # measured 44.2 / 49.2 dB
 PSNR_ALL_LINEARS = 38.0     # measured 43.8 dB

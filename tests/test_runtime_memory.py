@@ -2,7 +2,7 @@
 phase), one component resident at a time, low-memory mode, and the refusal when it does not fit.
 
 Estimate / measured peak, on this project's CPU (see docs/architecture.md for more sizes):
-fixture 64x64 0.99, 256x256 1.00; variant 80x48 1.00; the `SMALL` model below ~1.0; the
+fixture 64x64 0.99, 256x256 1.02; variant 80x48 (CFG) 1.00; the `SMALL` model 1.00; the
 mid-size model of benchmarks/bench_runtime.py (dim 1536, 8 layers, real VAE widths) 1.00 at
 128-512 px.
 """
@@ -15,7 +15,7 @@ from zreg.runtime import memory
 from zreg.runtime.errors import NotEnoughMemory
 from zreg.runtime.zimage.pipeline import Request
 
-from .test_runtime_support import PROMPT, model, noise_for, open_model
+from .runtime_support import PROMPT, model, noise_for, open_model
 
 TOLERANCE = 0.20
 PHASES = {"text encoder": "text_encoder_peak", "transformer": "transformer_peak", "vae": "vae_peak"}

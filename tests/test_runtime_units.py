@@ -56,6 +56,18 @@ def test_silu_and_silu_mul(monkeypatch):
     np.testing.assert_array_equal(np.array(a), a_np)  # inputs untouched: results go to fresh buffers
 
 
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_norm_rope(with_norm):
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.standard_normal((1, 37, 3, 16), dtype=np.float32) * 2)
+    w = mx.array(rng.standard_normal(16, dtype=np.float32)) if with_norm else None
+    angles = rng.standard_normal((37, 8), dtype=np.float32) * 3
+    cos, sin = mx.array(np.cos(angles)), mx.array(np.sin(angles))
+    fast, plain = both_paths(ops.norm_rope, x, w, 1e-5, cos, sin)
+    assert fast.shape == (1, 3, 37, 16)
+    np.testing.assert_allclose(fast, plain, atol=2e-6)
+
+
 @pytest.mark.parametrize("act", [False, True])
 def test_group_norm_silu(act):
     rng = np.random.default_rng(3)

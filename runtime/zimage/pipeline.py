@@ -176,8 +176,13 @@ class ZImage:
         """Run a (resolved or not) request. `on_step(k, n, seconds)` after every step,
         `on_phase(name)` when a phase starts."""
         r = self.resolve(request)
-        say = on_phase or (lambda name: None)
         Linear.fp8_matmul = self.backend.fp8_matmul
+        try:
+            return self._generate(r, on_step, on_phase or (lambda name: None))
+        finally:
+            mx.clear_cache()  # also after an error or a cancel from on_step: give the memory back
+
+    def _generate(self, r: Request, on_step, say) -> Result:
         dtype = self.backend.compute_dtype
         timings: dict = {}
         memory: dict = {}
@@ -222,7 +227,6 @@ class ZImage:
         timings["decode_s"] = time.perf_counter() - t0
         memory["vae_peak"] = mx.get_peak_memory()
         timings["total_s"] = time.perf_counter() - start
-        mx.clear_cache()
         return Result(image=image, latents=np.array(latents), request=r, timings=timings, memory=memory)
 
     def encode_prompts(self, prompts: list[str], dtype, low_memory: bool = False) -> list[mx.array]:

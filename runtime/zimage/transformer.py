@@ -102,17 +102,6 @@ def rope_angles(cfg: TransformerConfig, positions: np.ndarray) -> tuple[mx.array
     return mx.array(np.cos(angles)), mx.array(np.sin(angles))
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] (the reference's complex
-    view), in float32."""
-    dtype = x.dtype
-    x = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
-    re, im = x[..., 0], x[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = mx.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-    return out.reshape(*out.shape[:-2], -1).astype(dtype)
-
-
 # ---- blocks ------------------------------------------------------------------------------------
 
 
@@ -131,14 +120,17 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
         B, L, D = x.shape
-        q = self.to_q(x).reshape(B, L, self.n_heads, -1)
-        k = self.to_k(x).reshape(B, L, self.n_heads, -1)
-        v = self.to_v(x).reshape(B, L, self.n_heads, -1)
-        if "norm_q" in self:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        o = ops.attention(q, k, v, scale=q.shape[-1] ** -0.5)
+        qk_norm = "norm_q" in self
+        # RMSNorm on q and k (per head), then RoPE: one fused op, out as [B, H, L, head_dim].
+        # The attention scale is folded into q here, so the kernel need not scale the scores.
+        scale = (D // self.n_heads) ** -0.5
+        q = ops.norm_rope(self.to_q(x).reshape(B, L, self.n_heads, -1),
+                          self.norm_q.weight if qk_norm else None, self.norm_q.eps if qk_norm else 0.0, *rope,
+                          scale=scale)
+        k = ops.norm_rope(self.to_k(x).reshape(B, L, self.n_heads, -1),
+                          self.norm_k.weight if qk_norm else None, self.norm_k.eps if qk_norm else 0.0, *rope)
+        v = self.to_v(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        o = ops.attention(q, k, v, scale=1.0)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

@@ -107,7 +107,9 @@ class ResnetBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv1(self.norm1(x, silu=True))
+        mx.eval(h)  # one conv's temporaries at a time (the numpy path evaluates anyway)
         h = self.conv2(self.norm2(h, silu=True))
+        mx.eval(h)
         return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
 
 
@@ -131,17 +133,13 @@ class AttentionBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """resnet, attention, resnet (run by `Decoder.sequence`)."""
+
     def __init__(self, c: int, groups: int, attention: bool):
         super().__init__()
         self.resnets = [ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)]
         if attention:
             self.attentions = [AttentionBlock(c, groups)]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = self.resnets[0](x)
-        if "attentions" in self:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
 
 
 class Upsampler(nn.Module):
@@ -154,16 +152,13 @@ class Upsampler(nn.Module):
 
 
 class UpBlock(nn.Module):
+    """resnets, then an upsampler except in the last block (run by `Decoder.sequence`)."""
+
     def __init__(self, c_in: int, c_out: int, n: int, groups: int, upsample: bool):
         super().__init__()
         self.resnets = [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)]
         if upsample:
             self.upsamplers = [Upsampler(c_out)]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.upsamplers[0](x) if "upsamplers" in self else x
 
 
 class Decoder(nn.Module):
