@@ -59,7 +59,19 @@ def load(url: str, body: dict, clients: int, total: int) -> dict:
             "ok": len(latencies), "refused": len(failures)}
 
 
+def same_blas_as_the_cli() -> None:
+    """Re-run this script with the BLAS `zreg serve` preloads, so the direct figure and the
+    server multiply with the same library."""
+    from zreg.runtime import blas
+
+    lib = blas.fast_blas()
+    if lib and blas.bundled_reference_blas() and not blas.preloaded():
+        env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD")])))
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def main(argv=None) -> int:
+    same_blas_as_the_cli()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="64x64")
     ap.add_argument("--steps", type=int, default=8)
@@ -80,7 +92,9 @@ def main(argv=None) -> int:
             url = f"http://127.0.0.1:{port}/v1/images/generations"
             for _ in range(3):  # warm up: load the model, fill the page cache
                 requests.post(url, json=body, timeout=600).raise_for_status()
-            print(f"tiny fixture, {args.size}, {args.steps} steps, {args.requests} requests per level, CPU")
+            from zreg.runtime import blas
+            print(f"tiny fixture, {args.size}, {args.steps} steps, {args.requests} requests per level, CPU, "
+                  f"BLAS: {blas.status()}")
             rows = {}
             for clients in (1, 4, 16):
                 rows[clients] = load(url, body, clients, args.requests)

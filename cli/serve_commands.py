@@ -48,6 +48,9 @@ def serve(addr: str, host_name: str | None, htpasswd_file: Path | None, auth_rea
           device: str | None, models: str | None):
     """Serve the store: the OCI distribution API (/v2/) and the OpenAI-compatible image API
     (/v1/images/generations, /api/ps, /api/stop, /api/tags), until Ctrl-C or SIGTERM."""
+    from zreg.runtime import blas
+
+    blas.reexec_with_fast_blas()  # image generation uses MLX's CPU matmuls; before MLX runs
     # Imported here: aiohttp would slow every other zreg command's start.
     from zreg.registry.htpasswd import Htpasswd
     from zreg.registry.names import is_loopback

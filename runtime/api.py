@@ -183,8 +183,10 @@ class ImageStore:
 class ImageAPI:
     def __init__(self, service: ModelService, images: ImageStore, *, reap_interval: float = 1.0):
         self.service, self.images, self.reap_interval = service, images, reap_interval
-        # Waiting requests block in these threads (bounded by the queue), the device runs one.
-        self.pool = ThreadPoolExecutor(service.max_queue + 2, thread_name_prefix="zreg-generate")
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="zreg-api")   # loading, listing
+        # Every generation runs on this one thread, in arrival order: the device does one at a
+        # time anyway, and MLX keeps per-thread state warm. Waiting requests wait in asyncio.
+        self.device = ThreadPoolExecutor(1, thread_name_prefix="zreg-device")
 
     # ---- the generation endpoint -----------------------------------------------------------
 
@@ -237,7 +239,7 @@ class ImageAPI:
                 return {"url": self.images.put(png), "seed": result.request.seed}
             return {"b64_json": base64.b64encode(png).decode(), "seed": result.request.seed}
 
-        item = await asyncio.get_running_loop().run_in_executor(self.pool, work)
+        item = await asyncio.get_running_loop().run_in_executor(self.device, work)
         if "url" in item:
             item["url"] = f"{http_request.scheme}://{http_request.host}/v1/images/files/{item['url']}.png"
         return item
@@ -335,6 +337,7 @@ class ImageAPI:
         yield
         task.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.device.shutdown(wait=False, cancel_futures=True)
         self.service.shutdown()
 
 
