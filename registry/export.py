@@ -9,23 +9,21 @@ beside the destination and renamed into place when complete.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
 
 from .errors import FormatError, ZregError
-from .names import ModelName
+from .names import ModelName, is_path_segment
 from .safetensors_format import build_header
 from .store import Store, fsync_dir
 from .tensorblob import read_blob_tensor
 
-_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 def _relative_path(layer_name: str) -> Path:
     parts = layer_name.split("/")
-    if not all(_SAFE_PART.fullmatch(p) and ".." not in p for p in parts):
+    if not all(is_path_segment(p) for p in parts):
         raise FormatError(f"layer name {layer_name!r} is not a safe relative path")
     return Path(*parts)
 

@@ -11,7 +11,6 @@ manifest last, so a model is never visible half-imported.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from .builder import BuildResult, FileSource, build_model
 from .convert import TensorSource
 from .errors import FormatError, InvalidModel
 from .manifest import Component, WeightFile
-from .names import ModelName
+from .names import ModelName, is_path_segment
 from .quantize import Policy
 from .safetensors_format import read_header
 from .store import Store
@@ -33,7 +32,6 @@ KNOWN_COMPONENTS = ("transformer", "unet", "prior", "text_encoder", "text_encode
 # Other weight formats are not imported (safetensors only); they are reported as skipped.
 SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".gguf", ".msgpack", ".h5",
                     ".pb", ".ot")
-_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -76,7 +74,7 @@ def _components(folder: Path) -> tuple[str | None, dict[str, tuple[str | None, s
                 continue
             if value[0] is None and value[1] is None:
                 continue  # an optional component the pipeline ships without
-            if not _COMPONENT_NAME.fullmatch(key) or ".." in key:
+            if not is_path_segment(key):
                 raise _bad(index_path, f"component name {key!r} is not a plain folder name")
             if not (folder / key).is_dir():
                 raise _bad(index_path, f"lists component {key!r} but the folder {key}/ is missing")

@@ -25,6 +25,15 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?")
 
 
+# Component folders, tensor names and file names become path segments (`component/tensor`,
+# export's files): letters, digits, '_', '.', '-', not starting with '.', no '..'.
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def is_path_segment(text: str) -> bool:
+    return bool(_SEGMENT.fullmatch(text)) and ".." not in text
+
+
 def default_host() -> str:
     return os.environ.get("ZREG_DEFAULT_HOST") or FALLBACK_HOST
 

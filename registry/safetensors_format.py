@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 
 from .errors import FormatError
+from .names import is_path_segment
 
 # Bytes per element. Sub-byte types (F4, F6_*) are not supported yet.
 DTYPE_SIZES = {
@@ -26,8 +26,6 @@ DTYPE_SIZES = {
 }
 MAX_HEADER = 100 << 20  # the limit the safetensors library itself enforces
 METADATA_KEY = "__metadata__"
-# Tensor names end up in layer names `component/tensor`: no path separators, no `..`.
-_TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ def tensor_nbytes(dtype: str, shape) -> int:
 
 
 def check_tensor_name(name: str, where: str) -> None:
-    if not _TENSOR_NAME.fullmatch(name) or ".." in name:
+    if not is_path_segment(name):  # it becomes part of the layer name `component/tensor`
         raise FormatError(f"{where}: tensor name {name!r} is not allowed "
                           "(letters, digits, '_', '.', '-' only; no '/', '..' or leading '.')")
 
