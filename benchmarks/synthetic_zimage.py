@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from zreg.registry.safetensors_format import build_header
 
 # ---- model facts (shared/notes/zimage.md) -------------------------------------------------------------
 
@@ -243,24 +244,11 @@ class DataSource:
 
 # ---- streaming safetensors writer ----------------------------------------------------------------------
 
-def safetensors_header(entries: list[tuple[str, str, tuple]]) -> bytes:
-    """Header bytes (8-byte LE length + JSON padded with spaces to a multiple of 8) for entries in order."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for name, dtype, shape in entries:
-        n = nbytes(dtype, shape)
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    js = json.dumps(header, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)                                # keeps the data section 8-byte aligned
-    return struct.pack("<Q", len(js)) + js
-
-
 def write_safetensors(path: Path, entries: list[tuple[str, str, tuple]], source: DataSource) -> int:
     """Stream one .safetensors file; returns its size. Entries are sorted by name, as safetensors does."""
     entries = sorted(entries, key=lambda e: e[0])
     with open(path, "wb", buffering=0) as f:
-        f.write(safetensors_header(entries))
+        f.write(build_header(entries, {"format": "pt"}))
         for _, dtype, shape in entries:
             source.write(f, dtype, nbytes(dtype, shape))
     return path.stat().st_size

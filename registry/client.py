@@ -118,9 +118,6 @@ class RegistryClient:
 
     # ---- the calls push and pull need ----------------------------------------------------------
 
-    def ping(self) -> None:
-        self.request("GET", oci_paths.API_ROOT, scope="")
-
     def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str]:
         scope = f"repository:{repository}:pull"
         try:
@@ -189,13 +186,6 @@ class RegistryClient:
                                      "Content-Length": str(length)}, body=body, expect=(202,))
         resp.close()
         return self._absolute(resp.headers.get("Location", location))
-
-    def upload_offset(self, repository: str, location: str) -> int:
-        """Bytes the registry holds for an upload session (from the Range header)."""
-        resp = self.request("GET", location, scope=f"repository:{repository}:pull,push", expect=(204, 200))
-        resp.close()
-        value = resp.headers.get("Range", "")
-        return int(value.rsplit("-", 1)[1]) + 1 if "-" in value else 0
 
     def finish_upload(self, repository: str, location: str, digest: str,
                       body: Callable[[], object] | None = None, length: int = 0) -> None:

@@ -36,6 +36,8 @@ MAX_BODY = 1 << 20
 MAX_IMAGES = 4
 MAX_SIDE = 4096
 MAX_STEPS = 200
+# The runtime's request fields under their API names.
+API_PARAMS = {"width": "size", "height": "size", "guidance": "guidance_scale", "negative": "negative_prompt"}
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SERVICE = web.AppKey("zreg.images", "ImageAPI")
 
@@ -220,10 +222,8 @@ class ImageAPI:
                       guidance=params.guidance_scale, negative=params.negative_prompt)
         try:
             return loaded.pipeline.resolve(gen)   # validates size, steps...; fills the seed
-        except BadRequest as e:
-            param = next((p for p in ("width", "height", "steps", "guidance", "negative") if p in str(e)), None)
-            param = {"width": "size", "height": "size", "guidance": "guidance_scale",
-                     "negative": "negative_prompt"}.get(param, param)
+        except BadRequest as e:  # the runtime's field names -> the API's
+            param = API_PARAMS.get(e.param, e.param)
             raise ApiError(400, str(e), param=param, code="invalid_value") from None
 
     async def _run_one(self, http_request, loaded, params, gen_request, index, on_step):

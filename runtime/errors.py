@@ -17,7 +17,14 @@ class RuntimeFailure(ZregError):
 
 
 class BadRequest(RuntimeFailure):
+    """`param` names the request field at fault (prompt, width, height, steps, guidance,
+    negative, noise), so the image API can say which one without reading the message."""
+
     exit_code = 2
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnsupportedModel(RuntimeFailure):

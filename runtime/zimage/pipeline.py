@@ -120,7 +120,7 @@ class ZImage:
         """Fill defaults and refuse bad input with a message that says what to change."""
         r = replace(request)
         if not isinstance(r.prompt, str) or not r.prompt.strip():
-            raise BadRequest("the prompt is empty")
+            raise BadRequest("the prompt is empty", param="prompt")
         default = self.vae_cfg.sample_size
         r.width = default if r.width is None else r.width
         r.height = default if r.height is None else r.height
@@ -129,22 +129,23 @@ class ZImage:
             if v < m or v % m:
                 raise BadRequest(f"{label} {v} is not a positive multiple of {m} (this model's VAE "
                                  f"scale {self.vae_cfg.scale_factor} x patch {PATCH}); try "
-                                 f"{max(m, round(v / m) * m)}")
+                                 f"{max(m, round(v / m) * m)}", param=label)
         r.steps = DEFAULT_STEPS if r.steps is None else r.steps
         if r.steps < 1:
-            raise BadRequest(f"steps must be at least 1 (got {r.steps})")
+            raise BadRequest(f"steps must be at least 1 (got {r.steps})", param="steps")
         r.guidance = DEFAULT_GUIDANCE if r.guidance is None else r.guidance
         if r.guidance < 0:
-            raise BadRequest(f"guidance must be >= 0 (got {r.guidance})")
+            raise BadRequest(f"guidance must be >= 0 (got {r.guidance})", param="guidance")
         if r.negative and r.guidance == 0:
-            raise BadRequest("a negative prompt needs classifier-free guidance: add --guidance (e.g. 4)")
+            raise BadRequest("a negative prompt needs classifier-free guidance: add --guidance (e.g. 4)",
+                             param="negative")
         if r.noise is not None:
             want = self.latent_shape(r.width, r.height)
             if tuple(r.noise.shape) != want:
                 raise BadRequest(f"noise has shape {list(r.noise.shape)}, expected {list(want)} for "
-                                 f"{r.width}x{r.height}")
+                                 f"{r.width}x{r.height}", param="noise")
             if not np.isfinite(r.noise).all():
-                raise BadRequest("noise holds NaN or infinite values")
+                raise BadRequest("noise holds NaN or infinite values", param="noise")
             r.noise = np.ascontiguousarray(r.noise, dtype=np.float32)
         if r.seed is None:
             r.seed = secrets.randbits(32)
