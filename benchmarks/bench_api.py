@@ -4,8 +4,8 @@ clients, and the server's overhead over a direct in-process generate of the same
     python benchmarks/bench_api.py [--size 64x64] [--steps 8] [--requests 24]
 
 A `zreg serve` subprocess on a free loopback port serves the embedded tiny model from a temp
-store (its queue sized so no request is refused). The direct figure runs the same request with
-the runtime in this process (after the server has stopped, so they never share the CPU).
+store (its queue sized so no request is refused) for the load figures. The overhead figure is
+measured in this process after that server has stopped: see `overhead`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,48 @@ def load(url: str, body: dict, clients: int, total: int) -> dict:
             "ok": len(latencies), "refused": len(failures)}
 
 
+def overhead(models: str, body: dict, size: str, reps: int) -> None:
+    """Served vs direct, in this one process, alternating: the served request goes over loopback
+    HTTP to `zreg serve`'s own app (registry routes + image API, on a BackgroundServer thread);
+    the direct one calls the runtime on another loaded copy of the model. Alternating and one
+    process cancel the drift and the process-to-process spread this VM shows (+-10%), which a
+    separate server process would add to the figure."""
+    from zreg.registry.server import BackgroundServer, make_app
+    from zreg.registry.store import Store
+    from zreg.runtime.api import ImageStore, add_image_routes
+    from zreg.runtime.backend import select
+    from zreg.runtime.png import encode_png, generation_text
+    from zreg.runtime.service import ModelService, open_pipeline
+    from zreg.runtime.zimage.pipeline import Request
+
+    width, height = map(int, size.split("x"))
+    body = dict(body, size=size)
+    store, backend = Store(models), select("cpu")
+    pipeline = open_pipeline(store, "tiny", backend)
+    request = Request(prompt=body["prompt"], width=width, height=height, steps=body["steps"], seed=body["seed"])
+    app = make_app(store)
+    with tempfile.TemporaryDirectory() as images:
+        add_image_routes(app, ModelService(store, backend, max_queue=4), ImageStore(Path(images), 60))
+        with BackgroundServer(app) as server, requests.Session() as session:
+            url = server.url + "/v1/images/generations"
+            served, plain, with_png = [], [], []
+            for rep in range(reps + 2):  # two warm-up rounds
+                start = time.perf_counter()
+                session.post(url, json=body, timeout=600).raise_for_status()
+                t_served = time.perf_counter() - start
+                start = time.perf_counter()
+                result = pipeline.generate(request)
+                t_plain = time.perf_counter() - start
+                encode_png(result.image, generation_text(result, "tiny", "sha256:x"))
+                t_png = time.perf_counter() - start
+                if rep >= 2:
+                    served.append(t_served), plain.append(t_plain), with_png.append(t_png)
+    s, d, dp = (statistics.median(v) for v in (served, plain, with_png))
+    print(f"  {size}: served p50 {s * 1e3:.1f} ms; direct generate {d * 1e3:.1f} ms, +PNG {dp * 1e3:.1f} ms; "
+          f"overhead {100 * (s / d - 1):.1f}% over generate, {100 * (s / dp - 1):.1f}% over generate+PNG "
+          f"(target < 5%; {reps} alternating pairs)")
+
+
 def same_blas_as_the_cli() -> None:
     """Re-run this script with the BLAS `zreg serve` preloads, so the direct figure and the
     server multiply with the same library."""
@@ -66,8 +108,7 @@ def same_blas_as_the_cli() -> None:
 
     lib = blas.fast_blas()
     if lib and blas.bundled_reference_blas() and not blas.preloaded():
-        env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD")])))
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], blas.preload_env(lib))
 
 
 def main(argv=None) -> int:
@@ -76,8 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="64x64")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--overhead-sizes", default="64x64,256x256,512x512",
+                    help="sizes for the served-vs-direct comparison (comma-separated)")
     args = ap.parse_args(argv)
-    width, height = map(int, args.size.split("x"))
     body = {"model": "tiny", "prompt": "a lighthouse at dusk", "size": args.size, "steps": args.steps, "seed": 1}
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, ZREG_MODELS=str(Path(tmp) / "models"))
@@ -104,29 +146,8 @@ def main(argv=None) -> int:
         finally:
             server.terminate()
             server.wait(timeout=30)
-        # Direct, in this process, the same request.
-        from zreg.registry.store import Store
-        from zreg.runtime.backend import select
-        from zreg.runtime.png import encode_png, generation_text
-        from zreg.runtime.service import open_pipeline
-        from zreg.runtime.zimage.pipeline import Request
-
-        pipeline = open_pipeline(Store(env["ZREG_MODELS"]), "tiny", select("cpu"))
-        request = Request(prompt=body["prompt"], width=width, height=height, steps=args.steps, seed=1)
-        for _ in range(3):
-            pipeline.generate(request)
-        plain, with_png = [], []
-        for _ in range(args.requests):
-            start = time.perf_counter()
-            result = pipeline.generate(request)
-            plain.append(time.perf_counter() - start)
-            encode_png(result.image, generation_text(result, "tiny", "sha256:x"))
-            with_png.append(time.perf_counter() - start)
-        direct, direct_png = statistics.median(plain), statistics.median(with_png)
-        served = rows[1]["p50"]
-        print(f"  direct generate {direct:.3f} s (+PNG {direct_png:.3f} s); served p50 {served:.3f} s; "
-              f"overhead {100 * (served / direct - 1):.1f}% over generate, {100 * (served / direct_png - 1):.1f}% "
-              f"over generate+PNG (target < 5%)")
+        for size in args.overhead_sizes.split(","):
+            overhead(env["ZREG_MODELS"], body, size, args.requests)
     return 0
 
 

@@ -68,6 +68,19 @@ def status() -> str:
     return "system BLAS"
 
 
+def preload_env(lib: Path, environ=None) -> dict:
+    """The environment that runs a process with `lib` as MLX's BLAS.
+
+    Also OPENBLAS_THREAD_TIMEOUT=4 (unless set): after each call OpenBLAS's idle threads spin
+    with sched_yield for 2^28 cycles by default, and the numpy kernels that run between two
+    matmuls (runtime/ops.py) then share the cores with them. On the 2-core test machine that was
+    ~0.8 s of system time per denoising step of the mid-size model; with 2^4 cycles, ~0.05 s."""
+    env = dict(os.environ if environ is None else environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(lib), env.get("LD_PRELOAD", "")]))
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    return env
+
+
 def _invoked_as_cli() -> bool:
     """True in the `zreg` command (script or `python -m zreg.cli.main`), never inside another
     program that calls the CLI in-process (a test runner must not be re-executed)."""
@@ -97,8 +110,7 @@ def reexec_with_fast_blas() -> None:
     lib = fast_blas()
     if lib is None or bundled_reference_blas() is None:
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = " ".join(filter(None, [str(lib), env.get("LD_PRELOAD", "")]))
+    env = preload_env(lib)
     env[_MARKER] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .weights import MXFP8_GROUP
 
 
@@ -55,7 +56,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight.astype(x.dtype), self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def param_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

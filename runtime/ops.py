@@ -11,6 +11,7 @@ tests run both paths against each other. Matmuls stay in MLX (BLAS) except insid
     attention        blocked softmax(q k^T) v; no full score matrix (MLX's CPU fallback makes all
                      heads' scores at once)
     silu, silu_mul   the SwiGLU gate
+    rms_norm, residual_rms_norm   the blocks' norms fused with their adaLN scale / gated residual
     norm_rope        RMSNorm of q/k and the rotary embedding, fused, written in attention's layout
     group_norm_silu  the VAE's GroupNorm (+ SiLU)
     conv3x3          the VAE's convs as shifted BLAS matmuls, in bands; 2x upsampling folded in
@@ -191,6 +192,63 @@ def _silu_times(a: mx.array, b: mx.array | None) -> mx.array:
 
     _parallel(rows, an.shape[0])
     return y
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float, scale: mx.array | None = None) -> mx.array:
+    """RMSNorm over the last axis times `weight`, times (1 + scale) if given: the transformer
+    blocks' pre-norm with its adaLN scale (`scale` [B, 1, D], one row per batch entry)."""
+    if not numpy_path(x):
+        y = mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
+        return y if scale is None else y * (1.0 + scale)
+    factor = _row_factors(weight, scale, x.shape, lambda s: 1.0 + s)
+    return _normed_rows(x, None, factor, eps)
+
+
+def residual_rms_norm(x: mx.array, y: mx.array, weight: mx.array, eps: float,
+                      gate: mx.array | None = None) -> mx.array:
+    """x + gate * RMSNorm(y) * weight (gate [B, 1, D], or 1): the blocks' gated post-norm residual."""
+    if not numpy_path(x, y):
+        n = mx.fast.rms_norm(y, weight.astype(y.dtype), eps)
+        return x + (n if gate is None else gate * n)
+    factor = _row_factors(weight, gate, y.shape, lambda g: g)
+    return _normed_rows(y, x, factor, eps)
+
+
+def _row_factors(weight: mx.array, per_batch: mx.array | None, shape, fn) -> np.ndarray:
+    """weight (* fn(per_batch)) as float32 [B, D]: what each batch entry's normed rows are multiplied by."""
+    B, D = shape[0], shape[-1]
+    w = weight.astype(mx.float32)
+    f = mx.broadcast_to(w, (B, D)) if per_batch is None else w * fn(per_batch.astype(mx.float32)).reshape(B, D)
+    return np.array(f, dtype=np.float32)
+
+
+def _normed_rows(y: mx.array, residual: mx.array | None, factor: np.ndarray, eps: float) -> mx.array:
+    """(residual +) y / rms(y) * factor[b], row by row over the cores; one pass for the row sums of
+    squares (a dot product per row), one or two elementwise passes."""
+    mx.eval(y) if residual is None else mx.eval(y, residual)
+    out, on = _fresh(y.shape)
+    B, D = y.shape[0], y.shape[-1]
+    yn, on = np.asarray(y).reshape(B, -1, D), on.reshape(B, -1, D)
+    rn = None if residual is None else np.asarray(residual).reshape(B, -1, D)
+    mean_of = np.float32(1.0 / D)
+
+    def rows(i, j):
+        step = _rows_per_chunk(D)
+        for b in range(B):
+            for r in range(i, j, step):
+                z = min(j, r + step)
+                t, o = yn[b, r:z], on[b, r:z]
+                inv = np.einsum("ij,ij->i", t, t)[:, None]
+                inv *= mean_of
+                inv += np.float32(eps)
+                np.sqrt(inv, out=inv)
+                np.divide(t, inv, out=o)
+                o *= factor[b]
+                if rn is not None:
+                    o += rn[b, r:z]
+
+    _parallel(rows, yn.shape[1])
+    return out
 
 
 def norm_rope(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, sin: mx.array,

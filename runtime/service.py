@@ -25,6 +25,7 @@ from zreg.registry.errors import ModelNotFound, ZregError
 from zreg.registry.names import parse_name
 from zreg.registry.store import Store
 
+from . import heap
 from .backend import Backend, memory_available
 from .errors import BadRequest
 
@@ -102,11 +103,13 @@ class ModelService:
     # ---- models ------------------------------------------------------------------------------
 
     def resolve(self, name: str):
-        """(canonical short name, manifest digest) or ModelNotFound."""
+        """(canonical short name, manifest digest) or ModelNotFound. Every request resolves (a tag
+        may have moved), so this only hashes the manifest's bytes; loading parses them."""
         from zreg.registry.digest import sha256_bytes
 
         try:
-            model_name, _, raw = self.store.resolve(parse_name(name))
+            model_name = parse_name(name)
+            raw = self.store.manifests.read_bytes(model_name)
         except ZregError as e:
             raise ModelNotFound(f"model {name!r} not found: {e}") from None
         return model_name.short(), sha256_bytes(raw)
@@ -145,6 +148,7 @@ class ModelService:
         loaded.pipeline = None
         gc.collect()
         mx.clear_cache()
+        heap.release()
 
     def stop(self, name: str) -> bool:
         """Unload a model now (after its running request, if any). False if it was not loaded."""

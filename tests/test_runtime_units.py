@@ -3,11 +3,14 @@ path), the BLAS re-exec guard, PNG naming, memory-size parsing and the backend c
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from zreg.runtime import blas, ops
+from zreg.runtime import blas, heap, ops
 from zreg.runtime.backend import parse_bytes, select
 from zreg.runtime.errors import BadRequest
 from zreg.runtime.png import default_output, slug
@@ -68,6 +71,27 @@ def test_norm_rope(with_norm):
     np.testing.assert_allclose(fast, plain, atol=2e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_rms_norms(monkeypatch, batch):
+    monkeypatch.setattr(ops, "TEMP_CHUNK_ELEMENTS", 100)  # many chunks
+    rng = np.random.default_rng(6)
+    x = mx.array(rng.standard_normal((batch, 41, 24), dtype=np.float32) * 3)
+    y = mx.array(rng.standard_normal((batch, 41, 24), dtype=np.float32) * 0.5 + 1)
+    w = mx.array(rng.standard_normal(24, dtype=np.float32))
+    per_batch = mx.array(rng.standard_normal((batch, 1, 24), dtype=np.float32))
+    for scale in (None, per_batch):
+        fast, plain = both_paths(ops.rms_norm, x, w, 1e-5, scale=scale)
+        np.testing.assert_allclose(fast, plain, rtol=2e-6, atol=2e-6)
+    for gate in (None, per_batch):
+        fast, plain = both_paths(ops.residual_rms_norm, x, y, w, 1e-5, gate=gate)
+        np.testing.assert_allclose(fast, plain, rtol=2e-6, atol=2e-6)
+    # and against the formula, in float64
+    xn, yn, wn, g = (np.array(a, np.float64) for a in (x, y, w, per_batch))
+    expect = xn + g * yn / np.sqrt(np.mean(yn ** 2, axis=-1, keepdims=True) + 1e-5) * wn
+    np.testing.assert_allclose(np.array(ops.residual_rms_norm(x, y, w, 1e-5, gate=per_batch)), expect,
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("act", [False, True])
 def test_group_norm_silu(act):
     rng = np.random.default_rng(3)
@@ -99,6 +123,32 @@ def test_blas_reexec_only_for_the_cli(monkeypatch):
     blas.reexec_with_fast_blas()
     assert not called
     assert isinstance(blas.status(), str) and blas.status()
+
+
+def test_blas_preload_environment():
+    env = blas.preload_env(Path("/lib/fast.so"), {"LD_PRELOAD": "/lib/other.so", "PATH": "/bin"})
+    assert env["LD_PRELOAD"] == "/lib/fast.so /lib/other.so" and env["PATH"] == "/bin"
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"          # idle BLAS threads stop spinning soon
+    assert blas.preload_env(Path("/lib/fast.so"), {"OPENBLAS_THREAD_TIMEOUT": "20"})["OPENBLAS_THREAD_TIMEOUT"] == "20"
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists() or heap._glibc() is None,
+                    reason="resident memory is read from /proc with glibc's malloc")
+def test_heap_keeps_freed_buffers_until_release():
+    assert heap.retain()
+    heap.release()
+    before = _resident_bytes()
+    blocks = [np.ones(4 << 20, np.float32) for _ in range(24)]  # 24 x 16 MB, under the mmap threshold
+    assert _resident_bytes() - before > 300 << 20
+    del blocks
+    kept = _resident_bytes() - before
+    assert kept > 300 << 20          # freed, but kept for the next operation (no page faults)
+    heap.release()
+    assert _resident_bytes() - before < 64 << 20     # given back after the run
 
 
 def test_parse_bytes_and_device_choice(monkeypatch):

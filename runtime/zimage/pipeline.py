@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
+from .. import heap
 from ..backend import Backend
 from ..errors import BadRequest, UnsupportedModel
 from ..layers import Linear, linear_weights, param_shapes
@@ -178,10 +179,12 @@ class ZImage:
         `on_phase(name)` when a phase starts."""
         r = self.resolve(request)
         Linear.fp8_matmul = self.backend.fp8_matmul
+        heap.retain()  # reuse freed activation buffers during the run (runtime/heap.py)
         try:
             return self._generate(r, on_step, on_phase or (lambda name: None))
         finally:
             mx.clear_cache()  # also after an error or a cancel from on_step: give the memory back
+            heap.release()
 
     def _generate(self, r: Request, on_step, say) -> Result:
         dtype = self.backend.compute_dtype
