@@ -102,13 +102,13 @@ def overhead(models: str, body: dict, size: str, reps: int) -> None:
 
 
 def same_blas_as_the_cli() -> None:
-    """Re-run this script with the BLAS `zreg serve` preloads, so the direct figure and the
-    server multiply with the same library."""
+    """Re-run this script with the BLAS and BLAS-thread settings `zreg serve` picks for a store of
+    tiny models, so the direct figure and the server multiply the same way."""
     from zreg.runtime import blas
 
     lib = blas.fast_blas()
     if lib and blas.bundled_reference_blas() and not blas.preloaded():
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], blas.preload_env(lib))
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], blas.preload_env(lib, small_model=True))
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from zreg import __version__
+from zreg.registry.errors import ZregError
 from zreg.registry.store import Store
 from zreg.runtime import blas
 
@@ -44,6 +45,15 @@ def _noise(path: Path | None):
     if noise.dtype != np.float32:
         raise BadRequest(f"--noise {path}: dtype {noise.dtype}, expected float32")
     return noise
+
+
+def _stored_bytes(models, name: str) -> int | None:
+    """The model's stored size (None if it cannot be read: generate then says why)."""
+    try:
+        _, manifest, _ = Store(models).resolve(name)
+    except ZregError:
+        return None
+    return sum(layer.size for layer in manifest.layers)
 
 
 class _StepBar:
@@ -99,7 +109,7 @@ def generate(name, prompt, size, width, height, steps, seed, guidance, negative,
              low_memory, force, models):
     """Generate an image from PROMPT with the stored model NAME (alias: run)."""
     started = time.perf_counter()
-    blas.reexec_with_fast_blas()  # before MLX is imported
+    blas.reexec_with_fast_blas(_stored_bytes(models, name))  # before MLX is imported
     from zreg.runtime import memory, open_model
     from zreg.runtime.backend import memory_available
     from zreg.runtime.png import default_output, generation_text, save_png

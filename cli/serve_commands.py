@@ -50,7 +50,12 @@ def serve(addr: str, host_name: str | None, htpasswd_file: Path | None, auth_rea
     (/v1/images/generations, /api/ps, /api/stop, /api/tags), until Ctrl-C or SIGTERM."""
     from zreg.runtime import blas
 
-    blas.reexec_with_fast_blas()  # image generation uses MLX's CPU matmuls; before MLX runs
+    # Image generation uses MLX's CPU matmuls: before MLX runs. The BLAS threads' idle policy
+    # follows the largest model stored (see runtime/blas.py); an empty store means real-size.
+    from zreg.registry.inspect_model import list_models
+
+    sizes = [m.size for m in list_models(Store(models))]
+    blas.reexec_with_fast_blas(max(sizes) if sizes else None)
     # Imported here: aiohttp would slow every other zreg command's start.
     from zreg.registry.htpasswd import Htpasswd
     from zreg.registry.names import is_loopback

@@ -68,16 +68,20 @@ def status() -> str:
     return "system BLAS"
 
 
-def preload_env(lib: Path, environ=None) -> dict:
+def preload_env(lib: Path, environ=None, small_model: bool = False) -> dict:
     """The environment that runs a process with `lib` as MLX's BLAS.
 
-    Also OPENBLAS_THREAD_TIMEOUT=4 (unless set): after each call OpenBLAS's idle threads spin
-    with sched_yield for 2^28 cycles by default, and the numpy kernels that run between two
-    matmuls (runtime/ops.py) then share the cores with them. On the 2-core test machine that was
-    ~0.8 s of system time per denoising step of the mid-size model; with 2^4 cycles, ~0.05 s."""
+    For real-size models also OPENBLAS_THREAD_TIMEOUT=4 (unless set): after each call
+    OpenBLAS's idle threads spin with sched_yield for 2^28 cycles by default, and the numpy
+    kernels that run between two matmuls (runtime/ops.py) share the cores with them. On the
+    2-core test machine that was ~0.8 s of system time per denoising step of the mid-size model
+    (3.2 s/step; 2.7 s with the short timeout). A small model is the other way round: its
+    matmuls take microseconds, and the spinning threads keep the cores awake between them, so
+    waking MLX's and the kernels' threads is quick (the tiny fixture ran 2x slower without it)."""
     env = dict(os.environ if environ is None else environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [str(lib), env.get("LD_PRELOAD", "")]))
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    if not small_model:
+        env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     return env
 
 
@@ -91,13 +95,18 @@ def _invoked_as_cli() -> bool:
     return Path(sys.argv[0]).name == "zreg"
 
 
-def reexec_with_fast_blas() -> None:
+SMALL_MODEL_BYTES = 256 << 20
+
+
+def reexec_with_fast_blas(model_bytes: int | None = None) -> None:
     """Re-execute this command with a fast BLAS preloaded, when that helps. Returns if not.
 
     Only when: Linux, MLX is the mlx-cpu wheel with its reference BLAS, a fast BLAS exists, it is
     not already preloaded, this is not already the re-executed process, and this process is the
     `zreg` command itself. Call it before the command does anything (MLX may be imported, but
     nothing may have run): the same arguments, environment and working folder carry over.
+    `model_bytes`, when the command runs one model, picks the BLAS threads' idle policy
+    (`preload_env`); unknown means a real-size model.
     """
     if os.environ.pop(_MARKER, None):
         lib = preloaded()
@@ -110,7 +119,7 @@ def reexec_with_fast_blas() -> None:
     lib = fast_blas()
     if lib is None or bundled_reference_blas() is None:
         return
-    env = preload_env(lib)
+    env = preload_env(lib, small_model=model_bytes is not None and model_bytes < SMALL_MODEL_BYTES)
     env[_MARKER] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

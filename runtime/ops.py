@@ -31,6 +31,7 @@ import numpy as np
 ATTENTION_BLOCK = 256         # query rows per attention block (numpy path)
 CONV_BAND_BYTES = 64 << 20     # largest padded input band of one conv (numpy path)
 TEMP_CHUNK_ELEMENTS = 1 << 18  # numpy temporaries: 1 MB per thread at most
+PARALLEL_MIN_ELEMENTS = 1 << 17  # smaller jobs run on the calling thread
 
 # Off with ZREG_NUMPY_KERNELS=0 (the parity tests run both settings).
 _enabled = os.environ.get("ZREG_NUMPY_KERNELS", "1") != "0"
@@ -51,15 +52,17 @@ def numpy_path(*arrays: mx.array) -> bool:
             and all(a.dtype == mx.float32 for a in arrays))
 
 
-def _split(n: int) -> list[tuple[int, int]]:
-    """Cut range(n) into one slice per core (numpy's ufuncs run on one thread and release the GIL)."""
-    parts = max(1, min(n, _THREADS))
+def _split(n: int, elements: int) -> list[tuple[int, int]]:
+    """Cut range(n) into one slice per core (numpy's ufuncs run on one thread and release the
+    GIL); one slice when the whole job (`elements` values) is too small to be worth a thread
+    hand-off (waking a pool thread on an idle core costs tens of microseconds)."""
+    parts = max(1, min(n, _THREADS)) if elements >= PARALLEL_MIN_ELEMENTS else 1
     bounds = [n * i // parts for i in range(parts + 1)]
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _parallel(fn, n: int) -> None:
-    slices = _split(n)
+def _parallel(fn, n: int, elements: int) -> None:
+    slices = _split(n, elements)
     if len(slices) == 1:
         fn(*slices[0])
     else:
@@ -101,7 +104,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
     qn, kn, vn = np.asarray(q), np.asarray(k), np.asarray(v)
     block = ATTENTION_BLOCK
     tasks = [(b, h, r) for b in range(B) for h in range(H) for r in range(0, L, block)]
-    threads = _THREADS if _numpy_blas_one_thread() else 1
+    threads = _THREADS if _numpy_blas_one_thread() and B * H * L * S >= PARALLEL_MIN_ELEMENTS else 1
     scale = np.float32(scale)
 
     def work(mine):
@@ -190,7 +193,7 @@ def _silu_times(a: mx.array, b: mx.array | None) -> mx.array:
             t += np.float32(1)
             yn[r:z] /= t
 
-    _parallel(rows, an.shape[0])
+    _parallel(rows, an.shape[0], an.size)
     return y
 
 
@@ -247,7 +250,7 @@ def _normed_rows(y: mx.array, residual: mx.array | None, factor: np.ndarray, eps
                 if rn is not None:
                     o += rn[b, r:z]
 
-    _parallel(rows, yn.shape[1])
+    _parallel(rows, yn.shape[1], yn.size)
     return out
 
 
@@ -290,7 +293,7 @@ def norm_rope(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, s
                 np.subtract(re * c, im * s, out=dst[..., 0])
                 np.add(re * s, im * c, out=dst[..., 1])
 
-    _parallel(rows, L)
+    _parallel(rows, L, xn.size)
     return out
 
 
@@ -323,7 +326,7 @@ def group_norm_silu(x: mx.array, weight: mx.array, bias: mx.array, groups: int, 
             for k in range(i, j):
                 n, a, z = chunks[k]
                 parts[k] = fn(n, xn[n, a:z]).sum(axis=0)
-        _parallel(work, len(chunks))
+        _parallel(work, len(chunks), xn.size)
         per_n = np.stack([parts[[k for k, c in enumerate(chunks) if c[0] == n]].sum(axis=0) for n in range(N)])
         return per_n.reshape(N, groups, cg).sum(axis=2)
 
@@ -353,7 +356,7 @@ def group_norm_silu(x: mx.array, weight: mx.array, bias: mx.array, groups: int, 
                 t += np.float32(1)
                 out /= t
 
-    _parallel(write, len(chunks))
+    _parallel(write, len(chunks), xn.size)
     return y
 
 

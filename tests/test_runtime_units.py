@@ -130,6 +130,7 @@ def test_blas_preload_environment():
     assert env["LD_PRELOAD"] == "/lib/fast.so /lib/other.so" and env["PATH"] == "/bin"
     assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"          # idle BLAS threads stop spinning soon
     assert blas.preload_env(Path("/lib/fast.so"), {"OPENBLAS_THREAD_TIMEOUT": "20"})["OPENBLAS_THREAD_TIMEOUT"] == "20"
+    assert "OPENBLAS_THREAD_TIMEOUT" not in blas.preload_env(Path("/lib/fast.so"), {}, small_model=True)
 
 
 def _resident_bytes() -> int:
