@@ -109,7 +109,7 @@ def generate(name, prompt, size, width, height, steps, seed, guidance, negative,
              low_memory, force, models):
     """Generate an image from PROMPT with the stored model NAME (alias: run)."""
     started = time.perf_counter()
-    blas.reexec_with_fast_blas(_stored_bytes(models, name))  # before MLX is imported
+    blas.reexec_with_fast_blas(lambda: _stored_bytes(models, name))  # before MLX is imported
     from zreg.runtime import memory, open_model
     from zreg.runtime.backend import memory_available
     from zreg.runtime.png import default_output, generation_text, save_png

@@ -54,8 +54,7 @@ def serve(addr: str, host_name: str | None, htpasswd_file: Path | None, auth_rea
     # follows the largest model stored (see runtime/blas.py); an empty store means real-size.
     from zreg.registry.inspect_model import list_models
 
-    sizes = [m.size for m in list_models(Store(models))]
-    blas.reexec_with_fast_blas(max(sizes) if sizes else None)
+    blas.reexec_with_fast_blas(lambda: max((m.size for m in list_models(Store(models))), default=None))
     # Imported here: aiohttp would slow every other zreg command's start.
     from zreg.registry.htpasswd import Htpasswd
     from zreg.registry.names import is_loopback

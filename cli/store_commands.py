@@ -209,7 +209,7 @@ def demo(workdir: Path | None, models: str | None):
 
     from .run_commands import generate
 
-    blas.reexec_with_fast_blas(model_bytes=0)  # the generate steps below use MLX's CPU matmuls (tiny model)
+    blas.reexec_with_fast_blas(lambda: 0)  # the generate steps below use MLX's CPU matmuls (tiny model)
     store = Store(models)
     workdir = workdir or store.root.parent / "demo"
     folder = workdir / "tiny-zimage"

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 # Libraries that export the standard cblas_*/sgemm_ symbols and so can stand in for
 # libblas.so.3 (scipy-openblas renames its symbols, so it cannot).
@@ -98,15 +99,16 @@ def _invoked_as_cli() -> bool:
 SMALL_MODEL_BYTES = 256 << 20
 
 
-def reexec_with_fast_blas(model_bytes: int | None = None) -> None:
+def reexec_with_fast_blas(model_bytes: Callable[[], int | None] = lambda: None) -> None:
     """Re-execute this command with a fast BLAS preloaded, when that helps. Returns if not.
 
     Only when: Linux, MLX is the mlx-cpu wheel with its reference BLAS, a fast BLAS exists, it is
     not already preloaded, this is not already the re-executed process, and this process is the
     `zreg` command itself. Call it before the command does anything (MLX may be imported, but
     nothing may have run): the same arguments, environment and working folder carry over.
-    `model_bytes`, when the command runs one model, picks the BLAS threads' idle policy
-    (`preload_env`); unknown means a real-size model.
+    `model_bytes()` (called only when re-executing: it may read the store) gives the size of
+    the model the command runs, which picks the BLAS threads' idle policy (`preload_env`);
+    None means unknown, taken as real-size.
     """
     if os.environ.pop(_MARKER, None):
         lib = preloaded()
@@ -119,7 +121,8 @@ def reexec_with_fast_blas(model_bytes: int | None = None) -> None:
     lib = fast_blas()
     if lib is None or bundled_reference_blas() is None:
         return
-    env = preload_env(lib, small_model=model_bytes is not None and model_bytes < SMALL_MODEL_BYTES)
+    size = model_bytes()
+    env = preload_env(lib, small_model=size is not None and size < SMALL_MODEL_BYTES)
     env[_MARKER] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

@@ -203,7 +203,7 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float, scale: mx.array | None =
     if not numpy_path(x):
         y = mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
         return y if scale is None else y * (1.0 + scale)
-    factor = _row_factors(weight, scale, x.shape, lambda s: 1.0 + s)
+    factor = _row_factors(weight, None if scale is None else 1.0 + scale, x.shape)
     return _normed_rows(x, None, factor, eps)
 
 
@@ -213,15 +213,15 @@ def residual_rms_norm(x: mx.array, y: mx.array, weight: mx.array, eps: float,
     if not numpy_path(x, y):
         n = mx.fast.rms_norm(y, weight.astype(y.dtype), eps)
         return x + (n if gate is None else gate * n)
-    factor = _row_factors(weight, gate, y.shape, lambda g: g)
+    factor = _row_factors(weight, gate, y.shape)
     return _normed_rows(y, x, factor, eps)
 
 
-def _row_factors(weight: mx.array, per_batch: mx.array | None, shape, fn) -> np.ndarray:
-    """weight (* fn(per_batch)) as float32 [B, D]: what each batch entry's normed rows are multiplied by."""
+def _row_factors(weight: mx.array, per_batch: mx.array | None, shape) -> np.ndarray:
+    """weight (* per_batch) as float32 [B, D]: what each batch entry's normed rows are multiplied by."""
     B, D = shape[0], shape[-1]
     w = weight.astype(mx.float32)
-    f = mx.broadcast_to(w, (B, D)) if per_batch is None else w * fn(per_batch.astype(mx.float32)).reshape(B, D)
+    f = mx.broadcast_to(w, (B, D)) if per_batch is None else w * per_batch.astype(mx.float32).reshape(B, D)
     return np.array(f, dtype=np.float32)
 
 
