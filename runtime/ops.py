@@ -28,10 +28,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-ATTENTION_BLOCK = 256         # query rows per attention block (numpy path)
+ATTENTION_BLOCK = 512         # most query rows per attention block (numpy path)
 CONV_BAND_BYTES = 64 << 20     # largest padded input band of one conv (numpy path)
 TEMP_CHUNK_ELEMENTS = 1 << 18  # numpy temporaries: 1 MB per thread at most
 PARALLEL_MIN_ELEMENTS = 1 << 17  # smaller jobs run on the calling thread
+EXP_SAFE = 64.0               # |scores| below this: softmax without the max shift (e^64 * 1e9 < fp32 max)
 
 # Off with ZREG_NUMPY_KERNELS=0 (the parity tests run both settings).
 _enabled = os.environ.get("ZREG_NUMPY_KERNELS", "1") != "0"
@@ -102,23 +103,32 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
     out, on = _fresh((B, L, H, v.shape[-1]))
     mx.eval(q, k, v)
     qn, kn, vn = np.asarray(q), np.asarray(k), np.asarray(v)
-    block = ATTENTION_BLOCK
+    # Equal blocks of at most ATTENTION_BLOCK rows: a short last block wastes a BLAS call's
+    # set-up and unbalances the threads (1056 tokens: 3 x 352, not 4 x 256 + 32).
+    block = -(-L // -(-L // ATTENTION_BLOCK))
     tasks = [(b, h, r) for b in range(B) for h in range(H) for r in range(0, L, block)]
     threads = _THREADS if _numpy_blas_one_thread() and B * H * L * S >= PARALLEL_MIN_ELEMENTS else 1
     scale = np.float32(scale)
+    # Softmax is shift-invariant; the usual shift by the row maximum only keeps exp() in range.
+    # By Cauchy-Schwarz no score of a block exceeds |scale| * max |q_i| * max |k_j|; where that
+    # bound is under EXP_SAFE, exp() of the raw scores neither overflows nor underflows (nor
+    # does their sum), and two of the softmax's five passes are skipped. (NaN/inf: bound fails.)
+    k_norms = np.sqrt(np.einsum("bhsd,bhsd->bhs", kn, kn).max(axis=-1))
 
     def work(mine):
         scratch = np.empty((block, S), np.float32)
         result = np.empty((block, vn.shape[-1]), np.float32)
         for b, h, r in mine:
             rows = min(block, L - r)
-            s, o = scratch[:rows], result[:rows]
-            np.matmul(qn[b, h, r:r + rows], kn[b, h // rep].T, out=s)
+            s, o, qb = scratch[:rows], result[:rows], qn[b, h, r:r + rows]
+            np.matmul(qb, kn[b, h // rep].T, out=s)
             if scale != 1:  # (the transformer folds the scale into q: norm_rope's `scale`)
                 s *= scale
             if causal:  # query i (of L, aligned to the end of S) sees keys 0 .. i + S - L
                 s[np.triu(np.ones((rows, S), bool), k=r + S - L + 1)] = -np.inf
-            s -= s.max(axis=-1, keepdims=True)
+            bound = abs(scale) * np.sqrt(np.einsum("ld,ld->l", qb, qb).max()) * k_norms[b, h // rep]
+            if not bound < EXP_SAFE:
+                s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             denom = s.sum(axis=-1, keepdims=True)
             np.matmul(s, vn[b, h // rep], out=o)
@@ -259,9 +269,9 @@ def norm_rope(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, s
     """RMSNorm over the last axis (if `weight`), then rotary on interleaved pairs, in float32, for
     x [B, L, H, D] with cos, sin [L, D/2]; returns [B, H, L, D] (contiguous on the numpy path,
     which is the layout attention wants), times `scale` (attention's, folded into q)."""
-    if scale != 1:
-        cos, sin = cos * scale, sin * scale  # rotation is linear: scaling the tables scales the output
     if not numpy_path(x):
+        if scale != 1:
+            cos, sin = cos * scale, sin * scale  # rotation is linear: scaling the tables scales the output
         if weight is not None:
             x = mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
         dtype = x.dtype
@@ -270,28 +280,37 @@ def norm_rope(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, s
         c, s = cos[None, :, None, :], sin[None, :, None, :]
         out = mx.stack([re * c - im * s, re * s + im * c], axis=-1)
         return out.reshape(x.shape).astype(dtype).transpose(0, 2, 1, 3)
+    # Interleaved pairs are complex64 numbers in memory, and the rotation is a complex product
+    # with cos + i sin (numpy's SIMD complex multiply): contiguous passes, no strided halves.
     B, L, H, D = x.shape
     w = None if weight is None else weight.astype(mx.float32)
     mx.eval(x, cos, sin) if w is None else mx.eval(x, w, cos, sin)
     out, on = _fresh((B, H, L, D))
-    xn, cn, sn = np.asarray(x), np.asarray(cos), np.asarray(sin)
-    wn = None if w is None else np.asarray(w)
-    pairs = on.reshape(B, H, L, D // 2, 2)
+    xn, wn = np.asarray(x), None if w is None else np.asarray(w)
+    rotation = np.empty(cos.shape, np.complex64)                              # [L, D/2]
+    rotation.real, rotation.imag = np.asarray(cos), np.asarray(sin)
+    if scale != 1:
+        rotation *= np.float32(scale)  # rotation is linear: scaling it scales the output
+    rotated = on.view(np.complex64)                                           # [B, H, L, D/2]
+    mean_of = np.float32(1.0 / D)
 
     def rows(i, j):
         step = max(1, _rows_per_chunk(H * D))
         for b in range(B):
             for r in range(i, j, step):
                 z = min(j, r + step)
-                t = xn[b, r:z]                                          # [rows, H, D]
+                t = xn[b, r:z]                                                # [rows, H, D]
+                if t.strides[-1] != t.itemsize:  # (a view with strided pairs: not complex numbers)
+                    t = np.ascontiguousarray(t)
                 if wn is not None:
-                    inv = 1.0 / np.sqrt(np.mean(np.square(t), axis=-1, keepdims=True) + np.float32(eps))
-                    t = (t * inv.astype(np.float32)) * wn
-                re, im = t[..., 0::2], t[..., 1::2]                   # [rows, H, D/2]
-                c, s = cn[r:z, None, :], sn[r:z, None, :]
-                dst = pairs[b, :, r:z].transpose(1, 0, 2, 3)           # [rows, H, D/2, 2] view
-                np.subtract(re * c, im * s, out=dst[..., 0])
-                np.add(re * s, im * c, out=dst[..., 1])
+                    rms = np.einsum("rhd,rhd->rh", t, t)[..., None]
+                    rms *= mean_of
+                    rms += np.float32(eps)
+                    np.sqrt(rms, out=rms)
+                    t = t / rms
+                    t *= wn
+                np.multiply(t.view(np.complex64), rotation[r:z, None, :],
+                            out=rotated[b, :, r:z].transpose(1, 0, 2))
 
     _parallel(rows, L, xn.size)
     return out
