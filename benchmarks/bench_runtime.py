@@ -17,9 +17,10 @@ benchmarks/bench_create.py), with the page cache warm for both:
              BLAS re-exec on Linux)
   diffusers  a script: import, `ZImagePipeline.from_pretrained(folder, dtype=float32)` (bf16 on
              CUDA), the same prompt, size and steps, save the PNG
-Figures per side (best of --reps): seconds per denoising step (mean of all steps, and of steps 2+),
-end-to-end wall seconds (process start to exit, PNG written), command start to the first
-denoising step, peak RSS. zreg's line also gives its memory estimate and MLX's measured peak.
+Figures per side (median of --reps, the sides run alternately): seconds per denoising step (mean
+of all steps, and of steps 2+), end-to-end wall seconds (process start to exit, PNG written),
+command start to the first denoising step, peak RSS. zreg's line also gives its memory estimate
+and MLX's measured peak.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,13 +172,13 @@ def main(argv=None) -> int:
     figures = [("s/step, mean of all steps", "mean_step"), ("s/step, mean of steps 2+", "mean_step_after_1"),
                ("end to end, s", "wall"), ("command start -> step 1, s", "first_step_at"),
                ("peak RSS, MB", "maxrss_kb")]
-    print(f"\n{args.config} model, {args.size}, {args.steps} steps, device {args.device}, best of {args.reps}")
+    print(f"\n{args.config} model, {args.size}, {args.steps} steps, device {args.device}, median of {args.reps}")
     print(f"{'':30s} {'zreg':>10s} {'diffusers':>10s} {'zreg/diff':>10s}")
     for label, key in figures:
-        best = {side: min(r[key] for r in runs) for side, runs in results.items() if runs}
+        mid = {side: statistics.median(r[key] for r in runs) for side, runs in results.items() if runs}
         if key == "maxrss_kb":
-            best = {side: v / 1000 for side, v in best.items()}
-        z, d = best.get("zreg"), best.get("diffusers")
+            mid = {side: v / 1000 for side, v in mid.items()}
+        z, d = mid.get("zreg"), mid.get("diffusers")
         ratio = f"{z / d:10.2f}" if z is not None and d else f"{'-':>10s}"
         print(f"{label:30s} {z if z is not None else float('nan'):10.2f} "
               f"{d if d is not None else float('nan'):10.2f} {ratio}")
