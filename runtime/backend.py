@@ -9,7 +9,10 @@ Weights keep their stored dtype; `layers.Linear` casts them at use.
 FP8 (mxfp8) linears: on a GPU `mx.quantized_matmul` (the weight stays FP8). MLX's CPU kernel for
 it runs at ~1 GFLOP/s here against ~100 for a BLAS matmul, so on the CPU each FP8 linear is
 dequantized at use, one layer at a time, into a transient the size of that one layer; the stored
-weight stays FP8. `ZREG_FP8_MATMUL=quantized|dequantize` overrides.
+weight stays FP8. Not every MLX GPU build has an mxfp8 quantized_matmul kernel (older mlx-cuda
+releases raise "QuantizedMatmul has no CUDA implementation"), so the GPU choice is probed once
+with a tiny product of the same form; where it fails the dequantize path is used and
+`describe()` says why. `ZREG_FP8_MATMUL=quantized|dequantize` overrides (no probe).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import mlx.core as mx
 
 from . import blas
 from .errors import BadRequest, RuntimeFailure
+from .weights import MXFP8_GROUP
 
 DEVICES = ("auto", "cpu", "gpu")
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -34,6 +38,7 @@ class Backend:
     kind: str              # "cpu", "metal" or "cuda"
     compute_dtype: mx.Dtype
     fp8_matmul: str        # "quantized" or "dequantize"
+    fp8_note: str = ""     # why the GPU runs FP8 linears dequantized, when the probe failed
 
     @property
     def mx_device(self) -> mx.Device:
@@ -45,6 +50,8 @@ class Backend:
     def describe(self) -> str:
         name = mx.device_info(self.mx_device).get("device_name", "")
         extra = f", BLAS: {blas.status()}" if self.kind == "cpu" else ""
+        if self.fp8_note:
+            extra += f"; FP8 linears dequantized at use: {self.fp8_note}"
         dtype = str(self.compute_dtype).split(".")[-1]
         return f"{self.kind} ({name}; MLX {mx.__version__}, compute {dtype}{extra})".replace("( ; ", "(")
 
@@ -71,11 +78,36 @@ def select(requested: str | None = None) -> Backend:
     dtype_name = os.environ.get("ZREG_DTYPE") or ("bfloat16" if device == "gpu" else "float32")
     if dtype_name not in _DTYPES:
         raise BadRequest(f"ZREG_DTYPE={dtype_name!r}: use one of {', '.join(_DTYPES)}")
-    fp8 = os.environ.get("ZREG_FP8_MATMUL") or ("quantized" if device == "gpu" else "dequantize")
+    fp8, note = os.environ.get("ZREG_FP8_MATMUL") or None, ""
+    if fp8 is None and device == "cpu":
+        fp8 = "dequantize"
+    elif fp8 is None:
+        note = quantized_matmul_failure(mx.gpu, _DTYPES[dtype_name])
+        fp8 = "dequantize" if note else "quantized"
     if fp8 not in ("quantized", "dequantize"):
         raise BadRequest(f"ZREG_FP8_MATMUL={fp8!r}: use quantized or dequantize")
     return Backend(device=device, kind=gpu if device == "gpu" else "cpu",
-                   compute_dtype=_DTYPES[dtype_name], fp8_matmul=fp8)
+                   compute_dtype=_DTYPES[dtype_name], fp8_matmul=fp8, fp8_note=note)
+
+
+_PROBED: dict[str, str] = {}
+
+
+def quantized_matmul_failure(device: mx.Device, dtype: mx.Dtype) -> str:
+    """"" if an mxfp8 `mx.quantized_matmul` of the form layers.Linear uses runs on `device` with
+    `dtype` activations, else what went wrong (probed once each: a 4x64 by 64x64 product)."""
+    key = f"{device} {dtype}"
+    if key not in _PROBED:
+        try:
+            with mx.stream(device):
+                w, scales = mx.quantize(mx.ones((64, 64)), group_size=MXFP8_GROUP, bits=8, mode="mxfp8")
+                y = mx.quantized_matmul(mx.ones((4, 64), dtype), w, scales, transpose=True,
+                                        group_size=MXFP8_GROUP, bits=8, mode="mxfp8")
+                got = y[0, 0].item()
+            _PROBED[key] = "" if got == 64.0 else f"mx.quantized_matmul (mxfp8) gave {got}, not 64"
+        except (RuntimeError, ValueError) as e:
+            _PROBED[key] = f"mx.quantized_matmul (mxfp8): {(str(e) or type(e).__name__).splitlines()[0]}"
+    return _PROBED[key]
 
 
 # ---- memory the device has -------------------------------------------------------------------

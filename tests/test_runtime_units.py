@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from zreg.runtime import blas, heap, ops
+from zreg.runtime import backend, blas, heap, ops
 from zreg.runtime.backend import parse_bytes, select
 from zreg.runtime.errors import BadRequest
 from zreg.runtime.png import default_output, slug
@@ -171,6 +171,37 @@ def test_parse_bytes_and_device_choice(monkeypatch):
         select("tpu")
     monkeypatch.setenv("ZREG_DTYPE", "bfloat16")
     assert select("cpu").compute_dtype == mx.bfloat16
+
+
+def test_fp8_matmul_probe(monkeypatch):
+    """The GPU's FP8 path is probed: a build without an mxfp8 quantized_matmul kernel runs FP8
+    linears dequantized and says why (the probe itself runs here on the CPU)."""
+    monkeypatch.setattr(backend, "_PROBED", {})
+    assert backend.quantized_matmul_failure(mx.cpu, mx.float32) == ""
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("QuantizedMatmul has no CUDA implementation.")
+
+    monkeypatch.setattr(backend, "_PROBED", {})
+    monkeypatch.setattr(mx, "quantized_matmul", missing)
+    failure = backend.quantized_matmul_failure(mx.cpu, mx.bfloat16)
+    assert "no CUDA implementation" in failure
+
+    # select() on a GPU build: the probe's answer picks the path; ZREG_FP8_MATMUL skips the probe
+    monkeypatch.setattr(backend, "_gpu_kind", lambda: "cuda")
+    monkeypatch.setattr(backend, "quantized_matmul_failure", lambda device, dtype: failure)
+    chosen = select("gpu")
+    assert (chosen.device, chosen.fp8_matmul) == ("gpu", "dequantize") and chosen.fp8_note == failure
+    shown = backend.Backend("cpu", "cpu", mx.float32, "dequantize", failure).describe()
+    assert "FP8 linears dequantized at use: mx.quantized_matmul (mxfp8): QuantizedMatmul has no CUDA" in shown
+    monkeypatch.setattr(backend, "quantized_matmul_failure", lambda device, dtype: "")
+    assert select("gpu").fp8_matmul == "quantized" and select("gpu").fp8_note == ""
+    monkeypatch.setattr(backend, "quantized_matmul_failure", lambda device, dtype: pytest.fail("probed"))
+    monkeypatch.setenv("ZREG_FP8_MATMUL", "quantized")
+    assert select("gpu").fp8_matmul == "quantized"
+    assert select("cpu").fp8_matmul == "quantized"  # the override holds on the CPU too
+    monkeypatch.delenv("ZREG_FP8_MATMUL")
+    assert select("cpu").fp8_matmul == "dequantize"
 
 
 def test_output_names(tmp_path):
