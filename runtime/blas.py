@@ -12,6 +12,8 @@ imported, with LD_PRELOAD set (`reexec_with_fast_blas`) and says so on stderr.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -97,6 +99,42 @@ def _invoked_as_cli() -> bool:
 
 
 SMALL_MODEL_BYTES = 256 << 20
+
+
+@functools.cache
+def sgemm() -> Callable | None:
+    """`gemm(a, b, c, beta)`: c = a @ b + beta * c in place, for float32 numpy matrices whose rows
+    are contiguous (any row stride), through the fast BLAS's cblas_sgemm (the preloaded one,
+    MLX's own, when the CLI re-executed; else loaded beside MLX's). None where there is none.
+
+    For accumulating in place (the VAE convs' nine taps): MLX's addmm copies its addend into a
+    fresh output first, a single-threaded pass over the accumulator per tap."""
+    lib = preloaded() or fast_blas()
+    try:
+        fn = ctypes.CDLL(str(lib)).cblas_sgemm if lib else None
+    except (OSError, AttributeError):
+        fn = None
+    if fn is None:
+        return None
+    i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    fn.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+    fn.restype = None
+    row_major, no_trans = 101, 111
+
+    def gemm(a, b, c, beta: float) -> None:
+        (m, k), n = a.shape, b.shape[1]
+        for x in (a, b, c):  # a bad stride here would be memory corruption, not an exception
+            if str(x.dtype) != "float32" or x.ndim != 2 or x.strides[1] != 4 or x.strides[0] % 4:
+                raise ValueError(f"sgemm: need float32 matrices with contiguous rows, got {x.dtype} {x.strides}")
+        if b.shape[0] != k or c.shape != (m, n) or not c.flags.writeable:
+            raise ValueError(f"sgemm: shapes {a.shape} @ {b.shape} -> {c.shape}")
+        lda, ldb, ldc = a.strides[0] // 4, b.strides[0] // 4, c.strides[0] // 4
+        if lda < k or ldb < n or ldc < n:
+            raise ValueError(f"sgemm: overlapping rows ({a.strides}, {b.strides}, {c.strides})")
+        fn(row_major, no_trans, no_trans, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
+           beta, c.ctypes.data, ldc)
+
+    return gemm
 
 
 def reexec_with_fast_blas(model_bytes: Callable[[], int | None] = lambda: None) -> None:

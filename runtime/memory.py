@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import ops
+from . import blas, ops
 from .errors import NotEnoughMemory
 from .weights import FP8_WEIGHT
 from .zimage.pipeline import LOW_MEMORY_TILE, TILE_LATENT
@@ -163,11 +163,12 @@ def _conv_extra(h: int, w: int, c_in: int, c_out: int, size: int, numpy_path: bo
     out = ho * wo * c_out * size
     if not numpy_path:  # MLX's conv2d: the unfolded (im2col) input, and the upsampled input
         return out + ho * wo * c_in * 9 * size + (ho * wo * c_in * size if upsample else 0)
-    # Bands of input rows: the padded flat band, the accumulator (addmm reuses its buffer), the
-    # taps (an upsampling conv works on the low-resolution input, with 16 folded 2x2 taps).
-    rows = max(1, min(h, ops.CONV_BAND_BYTES // ((w + 2) * c_in * 4) - 3))
+    # Bands of input rows: the padded flat band, the accumulator (one, summed into in place by
+    # blas.sgemm; MLX's addmm keeps two alive where there is no fast BLAS), the taps (an
+    # upsampling conv works on the low-resolution input, with 16 folded 2x2 taps).
+    rows = ops.conv_band_rows(h, w, c_in, c_out)
     band = (rows + 3) * (w + 2) * c_in * 4
-    acc = rows * (w + 2) * c_out * 4
+    acc = rows * (w + 2) * c_out * 4 * (1 if blas.sgemm() else 2)
     return out + band + acc + (16 if upsample else 9) * c_in * c_out * 4
 
 
@@ -177,15 +178,21 @@ def _vae_activations(vc, h: int, w: int, size: int, numpy_path: bool) -> int:
     boc = list(vc.block_out_channels)
     c = boc[-1]
     act = lambda hh, ww, cc: hh * ww * cc * size  # noqa: E731
-    norm = 1 if numpy_path else 3  # GroupNorm + SiLU: one fresh buffer, or MLX's temporaries
+    # GroupNorm + SiLU before a conv: applied band by band inside the conv on the numpy path
+    # (no buffer), MLX's temporaries otherwise.
+    norm = 0 if numpy_path else 3
     worst = act(h, w, c) + _conv_extra(h, w, vc.latent_channels, c, size, numpy_path)  # conv_in
 
     def resnet(hh, ww, ci, co):
         x = act(hh, ww, ci)
         first = norm * act(hh, ww, ci) + _conv_extra(hh, ww, ci, co, size, numpy_path)
-        second = act(hh, ww, co) + norm * act(hh, ww, co) + _conv_extra(hh, ww, co, co, size, numpy_path)
-        shortcut = 2 * act(hh, ww, co) if ci != co else act(hh, ww, co)
-        return x + max(first, second, shortcut)
+        # conv2 runs with h, the 1x1 shortcut's output (the skip path, added in conv2's output
+        # pass on the numpy path; MLX adds it after, one more output-size temporary) alive.
+        skip = act(hh, ww, co) if ci != co else 0
+        after = 0 if numpy_path else act(hh, ww, co)
+        second = act(hh, ww, co) + norm * act(hh, ww, co) + skip + after + \
+            _conv_extra(hh, ww, co, co, size, numpy_path)
+        return x + max(first, second)
 
     worst = max(worst, resnet(h, w, c, c))
     hw = h * w
@@ -198,7 +205,7 @@ def _vae_activations(vc, h: int, w: int, size: int, numpy_path: bool) -> int:
         if i < len(boc) - 1:
             worst = max(worst, act(h, w, c) + _conv_extra(h, w, c, c, size, numpy_path, upsample=True))
             h, w = 2 * h, 2 * w
-    worst = max(worst, 2 * act(h, w, c) + _conv_extra(h, w, c, vc.out_channels, size, numpy_path))
+    worst = max(worst, (1 + norm) * act(h, w, c) + _conv_extra(h, w, c, vc.out_channels, size, numpy_path))
     return worst
 
 

@@ -28,8 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import blas
+
 ATTENTION_BLOCK = 512         # most query rows per attention block (numpy path)
-CONV_BAND_BYTES = 64 << 20     # largest padded input band of one conv (numpy path)
+CONV_BAND_BYTES = 16 << 20     # largest input band or accumulator of one conv (numpy path)
 TEMP_CHUNK_ELEMENTS = 1 << 18  # numpy temporaries: 1 MB per thread at most
 PARALLEL_MIN_ELEMENTS = 1 << 17  # smaller jobs run on the calling thread
 EXP_SAFE = 64.0               # |scores| below this: softmax without the max shift (e^64 * 1e9 < fp32 max)
@@ -331,10 +333,29 @@ def group_norm_silu(x: mx.array, weight: mx.array, bias: mx.array, groups: int, 
         g = ((g - mean) * mx.rsqrt(var + eps)).reshape(N, H, W, C).astype(x.dtype)
         y = g * weight.astype(x.dtype) + bias.astype(x.dtype)
         return nn.silu(y) if act else y
-    w, b = weight.astype(mx.float32), bias.astype(mx.float32)
-    mx.eval(x, w, b)
+    scale, shift = _group_norm_affine(x, weight, bias, groups, eps)
     y, yn = _fresh((N, H, W, C))
     xn, yn = np.asarray(x).reshape(N, H * W, C), yn.reshape(N, H * W, C)
+    step = _rows_per_chunk(C)
+    chunks = [(n, a, min(H * W, a + step)) for n in range(N) for a in range(0, H * W, step)]
+
+    def write(i, j):
+        for k in range(i, j):
+            n, a, z = chunks[k]
+            _scale_shift_silu(xn[n, a:z], scale[n], shift[n], act, out=yn[n, a:z])
+
+    _parallel(write, len(chunks), xn.size)
+    return y
+
+
+def _group_norm_affine(x: mx.array, weight: mx.array, bias: mx.array, groups: int,
+                       eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """GroupNorm of NHWC x as a per-channel affine: (scale, shift), float32 [N, C] each, with
+    GroupNorm(x) = x * scale + shift; statistics two-pass in float32, summed in float64 (torch's)."""
+    N, H, W, C = x.shape
+    w, b = weight.astype(mx.float32), bias.astype(mx.float32)
+    mx.eval(x, w, b)
+    xn = np.asarray(x).reshape(N, H * W, C)
     cg, step = C // groups, _rows_per_chunk(C)
     chunks = [(n, a, min(H * W, a + step)) for n in range(N) for a in range(0, H * W, step)]
 
@@ -362,21 +383,19 @@ def group_norm_silu(x: mx.array, weight: mx.array, bias: mx.array, groups: int, 
     # Per channel y = x * scale + shift: the group's statistics folded into the affine.
     scale = (inv[:, :, None] * wn).reshape(N, C).astype(np.float32)
     shift = (bn - (mean * inv)[:, :, None] * wn).reshape(N, C).astype(np.float32)
+    return scale, shift
 
-    def write(i, j):
-        for k in range(i, j):
-            n, a, z = chunks[k]
-            out = yn[n, a:z]
-            np.multiply(xn[n, a:z], scale[n], out=out)
-            out += shift[n]
-            if act:
-                t = np.negative(out)
-                np.exp(t, out=t)
-                t += np.float32(1)
-                out /= t
 
-    _parallel(write, len(chunks), xn.size)
-    return y
+def _scale_shift_silu(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, act: bool,
+                      out: np.ndarray) -> None:
+    """out = x * scale + shift, then SiLU if `act` (out may be a strided view)."""
+    np.multiply(x, scale, out=out)
+    out += shift
+    if act:
+        t = np.negative(out)
+        np.exp(t, out=t)
+        t += np.float32(1)
+        out /= t
 
 
 def _fresh(shape) -> tuple[mx.array, np.ndarray]:
@@ -397,14 +416,24 @@ def upsample2x(x: mx.array) -> mx.array:
     return mx.broadcast_to(x[:, :, None, :, None, :], (N, H, 2, W, 2, C)).reshape(N, 2 * H, 2 * W, C)
 
 
-def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False) -> mx.array:
-    """conv2d(upsample2x(x) if upsample else x, w, padding=1) + b, NHWC, w [O, 3, 3, C].
+def conv_band_rows(h: int, w: int, c_in: int, c_out: int) -> int:
+    """Image rows per band of a numpy-path conv3x3: the padded input band and the accumulator each
+    stay under CONV_BAND_BYTES (also used by the memory estimate)."""
+    return max(1, min(h, CONV_BAND_BYTES // ((w + 2) * max(c_in, c_out) * 4)))
+
+
+def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False,
+            residual: mx.array | None = None, prenorm: tuple | None = None) -> mx.array:
+    """conv2d(upsample2x(x) if upsample else x, w, padding=1) + b (+ residual), NHWC, w [O, 3, 3, C].
+    With prenorm = (weight, bias, groups, eps), x is first group_norm_silu(x, ..., act=True):
+    on the numpy path applied to each band as it is copied in (no normalized copy of x is made).
 
     The numpy path never unfolds the input (MLX's CPU conv2d writes a 9x copy of it, and runs at
     a third of the BLAS speed): rows are done in bands; each band is zero-padded into one flat
     [rows * (W + 2), C] array, in which every tap (dy, dx) is the contiguous slice starting at
-    dy * (W + 2) + dx, so the conv is a few BLAS matmuls accumulated with addmm. The two junk
-    columns per row are dropped while the band (plus bias) is copied into the output.
+    dy * (W + 2) + dx, so the conv is nine BLAS matmuls accumulated in place (`blas.sgemm`, or
+    MLX's addmm where there is no fast BLAS to call). The two junk columns per row are dropped
+    while the band, plus bias (and residual), is written to the output.
 
     With `upsample`, the conv runs on the low-resolution input: output pixel (2r + i, 2c + j)
     only ever sees source rows {r - 1, r} (i = 0) or {r, r + 1} (i = 1), and likewise columns,
@@ -412,7 +441,9 @@ def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False) -> mx
     ("sub-pixel" form): 16 low-resolution taps instead of 9 at four times the size, and the
     upsampled tensor never exists."""
     if not numpy_path(x, w):
-        return mx.conv2d(upsample2x(x) if upsample else x, w, padding=1) + b
+        x = x if prenorm is None else group_norm_silu(x, *prenorm, act=True)
+        y = mx.conv2d(upsample2x(x) if upsample else x, w, padding=1) + b
+        return y if residual is None else y + residual
     N, H, W, C = x.shape
     O = w.shape[0]
     taps = mx.contiguous(w.transpose(1, 2, 3, 0))  # [3, 3, C, O]
@@ -431,27 +462,63 @@ def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False) -> mx
     else:
         plans = [(0, 0, [(dy, dx, taps[dy, dx]) for dy in range(3) for dx in range(3)])]
     f = 2 if upsample else 1
-    rows = max(1, min(H, CONV_BAND_BYTES // ((W + 2) * C * 4) - 3))
+    rows = conv_band_rows(H, W, C, O)
     mx.eval(x, b, *[t for _, _, pt in plans for _, _, t in pt])
+    if residual is not None:
+        mx.eval(residual)
+    scale, shift = (None, None) if prenorm is None else _group_norm_affine(x, *prenorm)
+    gemm = blas.sgemm()
     out, on = _fresh((N, H * f, W * f, O))  # filled band by band below
+    # One padded band and one accumulator, reused by every band (MLX buffers, so MLX's memory
+    # count sees them; on the MLX path the evals below finish with them before a band is reused).
+    flat, flat_n = _fresh(((rows + 3) * (W + 2), C))
+    band = flat_n.reshape(rows + 3, W + 2, C)
+    acc, acc_n = _fresh((rows * (W + 2), O)) if gemm else (None, None)
     xn, bn = np.asarray(x), np.asarray(b)
+    rn = None if residual is None else np.asarray(residual)
     for n in range(N):
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
-            # Zero-padded input rows r0-1 .. r1 (+1 spare zero row so the last tap's slice fits).
-            flat, band = _fresh(((r1 - r0 + 3) * (W + 2), C))
-            band = band.reshape(r1 - r0 + 3, W + 2, C)
+            # Zero-padded input rows r0-1 .. r1 (+1 spare zero row so the last tap's slice fits);
+            # the two padding columns are never written, so they stay zero.
             lo, hi = max(0, r0 - 1), min(H, r1 + 1)
-            band[lo - (r0 - 1): hi - (r0 - 1), 1:W + 1] = xn[n, lo:hi]
+            top, end = lo - (r0 - 1), hi - (r0 - 1)
+            band[:top] = 0
+            band[end:] = 0
+
+            def fill(i, j, n=n, lo=lo, top=top):
+                if scale is None:
+                    band[top + i:top + j, 1:W + 1] = xn[n, lo + i:lo + j]
+                    return
+                step = max(1, _rows_per_chunk(W * C))
+                for r in range(i, j, step):
+                    z = min(j, r + step)
+                    _scale_shift_silu(xn[n, lo + r:lo + z], scale[n], shift[n], True,
+                                      out=band[top + r:top + z, 1:W + 1])
+
+            _parallel(fill, hi - lo, (hi - lo) * W * C)
             count = (r1 - r0) * (W + 2)
             for i, j, phase_taps in plans:
-                acc = None
+                dst = on[n, r0 * f + i: r1 * f: f, j::f]
+                skip = None if rn is None else rn[n, r0 * f + i: r1 * f: f, j::f]
+                if gemm:
+                    # The accumulator starts as residual + bias where there is a residual (one
+                    # pass over the output fewer), and the taps accumulate onto it in place.
+                    result = acc_n[:count]
+                    grid = result.reshape(r1 - r0, W + 2, O)[:, :W]
+                    if skip is not None:
+                        np.add(skip, bn, out=grid)
+                    for k, (dy, dx, t) in enumerate(phase_taps):
+                        at = dy * (W + 2) + dx
+                        gemm(flat_n[at:at + count], np.asarray(t), result, 0.0 if k == 0 and skip is None else 1.0)
+                    np.copyto(dst, grid) if skip is not None else np.add(grid, bn, out=dst)
+                    continue
+                total = None
                 for dy, dx, t in phase_taps:
                     a = flat[dy * (W + 2) + dx: dy * (W + 2) + dx + count]
-                    acc = a @ t if acc is None else mx.addmm(acc, a, t)
-                mx.eval(acc)
-                dst = on[n, r0 * f + i: r1 * f: f, j::f]
-                np.add(np.asarray(acc).reshape(r1 - r0, W + 2, O)[:, :W], bn, out=dst)
-                del acc, a
-            del flat, band  # before the next band's buffers are made
+                    total = a @ t if total is None else mx.addmm(total, a, t)
+                mx.eval(total)
+                np.add(np.asarray(total).reshape(r1 - r0, W + 2, O)[:, :W], bn, out=dst)
+                if skip is not None:
+                    dst += skip
     return out

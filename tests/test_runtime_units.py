@@ -113,15 +113,39 @@ def test_group_norm_silu(act):
 
 @pytest.mark.parametrize("upsample", [False, True])
 @pytest.mark.parametrize("band_bytes", [ops.CONV_BAND_BYTES, 20000])  # whole, and many bands
-def test_conv3x3(monkeypatch, upsample, band_bytes):
+@pytest.mark.parametrize("gemm", ["blas", "mlx"])  # in-place cblas_sgemm / MLX addmm (no fast BLAS)
+def test_conv3x3(monkeypatch, upsample, band_bytes, gemm):
     monkeypatch.setattr(ops, "CONV_BAND_BYTES", band_bytes)
+    if gemm == "mlx":
+        monkeypatch.setattr(ops.blas, "sgemm", lambda: None)
+    else:
+        assert blas.sgemm() is not None, "the test environment installs libopenblas0-pthread"
     rng = np.random.default_rng(4)
-    x = mx.array(rng.standard_normal((1, 11, 13, 8), dtype=np.float32))
+    x = mx.array(rng.standard_normal((2, 11, 13, 8), dtype=np.float32))
     w = mx.array(rng.standard_normal((6, 3, 3, 8), dtype=np.float32) * 0.2)
     b = mx.array(rng.standard_normal(6, dtype=np.float32))
+    shape = (2, 22, 26, 6) if upsample else (2, 11, 13, 6)
+    residual = mx.array(rng.standard_normal(shape, dtype=np.float32))
     fast, plain = both_paths(ops.conv3x3, x, w, b, upsample)
-    assert fast.shape == ((1, 22, 26, 6) if upsample else (1, 11, 13, 6))
+    assert fast.shape == shape
     np.testing.assert_allclose(fast, plain, atol=1e-5)
+    with_residual, plain_with_residual = both_paths(ops.conv3x3, x, w, b, upsample, residual=residual)
+    np.testing.assert_allclose(with_residual, plain + np.array(residual), atol=1e-5)
+    np.testing.assert_allclose(plain_with_residual, plain + np.array(residual), atol=1e-5)
+
+
+def test_sgemm_in_place():
+    gemm = blas.sgemm()
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((40, 24), dtype=np.float32), rng.standard_normal((24, 16), dtype=np.float32)
+    wide = np.ones((40, 30), np.float32)
+    gemm(a, b, wide[:, 4:20], 1.0)  # accumulate into a strided block; the rest untouched
+    np.testing.assert_allclose(wide[:, 4:20], a @ b + 1, rtol=1e-5, atol=1e-5)
+    assert (wide[:, :4] == 1).all() and (wide[:, 20:] == 1).all()
+    with pytest.raises(ValueError, match="contiguous rows"):
+        gemm(a.T, b[:, :16], wide[:24, :16], 0.0)  # a transposed view: rows not contiguous
+    with pytest.raises(ValueError, match="shapes"):
+        gemm(a, b, wide[:, :10], 0.0)
 
 
 def test_blas_reexec_only_for_the_cli(monkeypatch):

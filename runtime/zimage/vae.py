@@ -74,11 +74,21 @@ class Conv2d(nn.Module):
         self.weight = mx.zeros((c_out, k, k, c_in))
         self.bias = mx.zeros((c_out,))
 
-    def __call__(self, x: mx.array, upsample: bool = False) -> mx.array:
-        w, b = self.weight.astype(x.dtype), self.bias.astype(x.dtype)
+    def __call__(self, x: mx.array, upsample: bool = False, residual: mx.array | None = None,
+                 bias: mx.array | bool = True, norm: "GroupNorm | None" = None) -> mx.array:
+        """conv(SiLU(norm(x)) if `norm` else x). `residual` is added to the output; `bias`: True for
+        the layer's own, False for none, or an array to use instead. On the CPU the norm is applied
+        band by band as the conv reads its input, and the residual in its output pass."""
+        w = self.weight.astype(x.dtype)
+        b = self.bias if bias is True else None if bias is False else bias
         if w.shape[1] == 1:  # a 1x1 conv is a matmul over channels (no unfolded copy)
-            return (x.reshape(-1, x.shape[-1]) @ w.reshape(w.shape[0], -1).T + b).reshape(*x.shape[:3], -1)
-        return ops.conv3x3(x, w, b, upsample=upsample)
+            x = x if norm is None else norm(x, silu=True)
+            y = (x.reshape(-1, x.shape[-1]) @ w.reshape(w.shape[0], -1).T).reshape(*x.shape[:3], -1)
+            y = y if b is None else y + b.astype(x.dtype)
+            return y if residual is None else y + residual
+        b = mx.zeros((w.shape[0],), x.dtype) if b is None else b.astype(x.dtype)
+        prenorm = None if norm is None else (norm.weight, norm.bias, norm.groups, GROUPNORM_EPS)
+        return ops.conv3x3(x, w, b, upsample=upsample, residual=residual, prenorm=prenorm)
 
 
 class GroupNorm(nn.Module):
@@ -106,11 +116,15 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = Conv2d(c_in, c_out, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv1(x, norm=self.norm1)
         mx.eval(h)  # one conv's temporaries at a time (the numpy path evaluates anyway)
-        h = self.conv2(self.norm2(h, silu=True))
-        mx.eval(h)
-        return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
+        # The skip path is added in conv2's output pass (no separate full-size add); a 1x1
+        # shortcut's bias joins conv2's.
+        skip, bias = x, self.conv2.bias
+        if "conv_shortcut" in self:
+            skip = self.conv_shortcut(x, bias=False)
+            bias = bias + self.conv_shortcut.bias
+        return self.conv2(h, norm=self.norm2, residual=skip, bias=bias)
 
 
 class AttentionBlock(nn.Module):
@@ -180,7 +194,7 @@ class Decoder(nn.Module):
         seq = [self.conv_in, mid.resnets[0]] + (mid.attentions if "attentions" in mid else []) + [mid.resnets[1]]
         for block in self.up_blocks:
             seq += block.resnets + (block.upsamplers if "upsamplers" in block else [])
-        return seq + [lambda x: self.conv_out(self.conv_norm_out(x, silu=True))]
+        return seq + [lambda x: self.conv_out(x, norm=self.conv_norm_out)]
 
     def __call__(self, z: mx.array) -> mx.array:
         x = z
