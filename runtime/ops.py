@@ -14,7 +14,8 @@ tests run both paths against each other. Matmuls stay in MLX (BLAS) except insid
     rms_norm, residual_rms_norm   the blocks' norms fused with their adaLN scale / gated residual
     norm_rope        RMSNorm of q/k and the rotary embedding, fused, written in attention's layout
     group_norm_silu  the VAE's GroupNorm (+ SiLU)
-    conv3x3          the VAE's convs as shifted BLAS matmuls, in bands; 2x upsampling folded in
+    conv3x3          the VAE's convs as shifted BLAS matmuls summed in place, in bands; 2x
+                     upsampling, the GroupNorm + SiLU before it and a residual after it folded in
 
 Results go into fresh MLX buffers that numpy fills through a view (`_fresh`); inputs are never
 written. Work is split over the cores with a thread pool (numpy releases the GIL).
