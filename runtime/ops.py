@@ -511,8 +511,12 @@ def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False,
                         np.add(skip, bn, out=grid)
                     for k, (dy, dx, t) in enumerate(phase_taps):
                         at = dy * (W + 2) + dx
-                        gemm(flat_n[at:at + count], np.asarray(t), result, 0.0 if k == 0 and skip is None else 1.0)
-                    np.copyto(dst, grid) if skip is not None else np.add(grid, bn, out=dst)
+                        beta = 0.0 if k == 0 and skip is None else 1.0
+                        gemm(flat_n[at:at + count], np.asarray(t), result, beta)
+                    if skip is None:
+                        np.add(grid, bn, out=dst)
+                    else:
+                        np.copyto(dst, grid)
                     continue
                 total = None
                 for dy, dx, t in phase_taps:
