@@ -201,10 +201,7 @@ def _silu_times(a: mx.array, b: mx.array | None) -> mx.array:
                 yn[r:z] = an[r:z]
             else:
                 np.multiply(an[r:z], bn[r:z], out=yn[r:z])
-            t = np.negative(an[r:z])
-            np.exp(t, out=t)
-            t += np.float32(1)
-            yn[r:z] /= t
+            _times_sigmoid(yn[r:z], an[r:z])
 
     _parallel(rows, an.shape[0], an.size)
     return y
@@ -393,10 +390,15 @@ def _scale_shift_silu(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, act: 
     np.multiply(x, scale, out=out)
     out += shift
     if act:
-        t = np.negative(out)
-        np.exp(t, out=t)
-        t += np.float32(1)
-        out /= t
+        _times_sigmoid(out, out)
+
+
+def _times_sigmoid(out: np.ndarray, z: np.ndarray) -> None:
+    """out *= sigmoid(z), as out / (1 + e^-z) (z may be out itself)."""
+    t = np.negative(z)
+    np.exp(t, out=t)
+    t += np.float32(1)
+    out /= t
 
 
 def _fresh(shape) -> tuple[mx.array, np.ndarray]:
