@@ -476,7 +476,7 @@ def conv3x3(x: mx.array, w: mx.array, b: mx.array, upsample: bool = False,
     # count sees them; on the MLX path the evals below finish with them before a band is reused).
     flat, flat_n = _fresh(((rows + 3) * (W + 2), C))
     band = flat_n.reshape(rows + 3, W + 2, C)
-    acc, acc_n = _fresh((rows * (W + 2), O)) if gemm else (None, None)
+    acc_n = _fresh((rows * (W + 2), O))[1] if gemm else None  # (the view keeps its buffer)
     xn, bn = np.asarray(x), np.asarray(b)
     rn = None if residual is None else np.asarray(residual)
     for n in range(N):
